@@ -1,0 +1,1 @@
+"""Core services of ai2-kit (only checkpointing lives here in this distribution)."""

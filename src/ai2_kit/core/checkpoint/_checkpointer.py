@@ -1,0 +1,228 @@
+"""The decorator logic: keys, sync and async calls, hits, saves and their failures."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, TypeVar, Union
+
+from ._errors import CorruptEntryError, SaveError
+from ._keys import validate_key
+from .stores import Store, open_store
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+
+__all__ = ["FnInfo", "KeyFn", "Checkpointer", "make_wrapper"]
+
+logger = logging.getLogger("ai2_kit.checkpoint")
+R = TypeVar("R")
+
+
+class FnInfo(NamedTuple):
+    """What a key function is given: the call it names."""
+
+    fn_name: str
+    args: tuple
+    kwargs: dict
+    call_site: str
+
+
+KeyFn = Callable[[FnInfo], str]
+Key = Union[str, KeyFn]
+
+
+def _call_site(depth: int) -> str:
+    # One frame lookup, not inspect.stack(): the reference spent most of a
+    # hit's time walking (and reading source lines of) the whole stack.
+    try:
+        frame = sys._getframe(depth + 1)
+    except ValueError:
+        return "?"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+class Checkpointer:
+    """Saves the results of steps in a store and returns them on later calls.
+
+    >>> import tempfile, os
+    >>> with Checkpointer(os.path.join(tempfile.mkdtemp(), "ckpt.db")) as ckpt:
+    ...     square = ckpt("square")(lambda x: x * x)
+    ...     square(3), square(4)   # the second call is a hit: the saved 9
+    (9, 9)
+
+    Parameters:
+        location: a file path (SQLite store, or a reference 2023 pickle file),
+            a directory, or a ``postgresql://`` URL; see ``open_store``.
+        store: an already opened ``Store`` instead of ``location``.
+        prefer: ``"file"`` or ``"dir"``: what to create when ``location``
+            does not exist yet.
+        strict: raise ``SaveError`` when a result cannot be saved, instead of
+            logging a warning and going on.
+    """
+
+    def __init__(
+        self,
+        location: Any = None,
+        *,
+        store: Store | None = None,
+        prefer: str = "file",
+        strict: bool = False,
+        readonly: bool = False,
+    ) -> None:
+        if (location is None) == (store is None):
+            raise TypeError("Checkpointer needs exactly one of location or store")
+        self.store: Store = store if store is not None else open_store(location, prefer=prefer, readonly=readonly)
+        self.strict = strict
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    def __call__(self, key: Key, disable: bool = False) -> Callable[[Callable[..., R]], Callable[..., R]]:
+        """A decorator that checkpoints calls of a function under ``key``."""
+        return lambda fn: make_wrapper(fn, key, disable, lambda: self)
+
+    apply = __call__
+
+    def delete(self, key: str) -> bool:
+        """Remove one entry; True when it existed."""
+        return self.store.delete(key)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({self.store!r})"
+
+    # -- the steps of one call ------------------------------------------------
+    def lookup(self, key: str) -> tuple[bool, Any, dict[str, Any]]:
+        """(found, value, meta) for ``key``; a damaged entry counts as not found."""
+        try:
+            hit = self.store.lookup(key)
+        except CorruptEntryError as e:
+            if self.strict:
+                raise
+            logger.warning("%s Running the step again.", e)
+            return False, None, {}
+        if hit is None:
+            return False, None, {}
+        meta = hit.meta
+        dur = meta.get("duration")
+        if dur is None:
+            logger.info("Hit checkpoint: %s", key)
+        else:
+            logger.info("Hit checkpoint: %s (the original call took %.3f s)", key, dur)
+        return True, hit.value, meta
+
+    def save(self, key: str, value: Any, **fields: Any) -> bool:
+        """Save a step's result; on failure warn (or raise in strict mode)."""
+        try:
+            self.store.put(key, value, **fields)
+            return True
+        except Exception as e:
+            err = e if isinstance(e, SaveError) else SaveError(key, f"{type(e).__name__}: {e}")
+            if self.strict:
+                if err is e:
+                    raise
+                raise err from e
+            logger.warning("%s; the result was returned but NOT saved, so the step "
+                           "will run again next time", err)
+            return False
+
+
+def _resolve_key(key: Key, fn: Callable[..., Any], args: tuple, kwargs: dict, site: str) -> str:
+    if isinstance(key, str):
+        return validate_key(key)
+    if callable(key):
+        return validate_key(key(FnInfo(getattr(fn, "__name__", repr(fn)), args, kwargs, site)))
+    return validate_key(key)
+
+
+def make_wrapper(
+    fn: Callable[..., Any],
+    key: Key,
+    disable: bool,
+    resolve: Callable[[], Checkpointer | None],
+) -> Callable[..., Any]:
+    """Wrap ``fn``; ``resolve`` gives the checkpointer at call time (None: just run)."""
+    if not callable(fn):
+        raise TypeError(f"apply_checkpoint(...) must wrap a callable, not {type(fn).__name__}")
+    if not isinstance(key, str) and not callable(key):
+        raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
+    if isinstance(key, str):
+        validate_key(key)  # fail at decoration time, before any step runs
+    fn_name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+    is_coro_fn = inspect.iscoroutinefunction(fn)
+
+    def fields(site: str, started: float, awaitable: bool) -> dict[str, Any]:
+        return {
+            "fn_name": fn_name,
+            "call_site": site,
+            "duration": time.perf_counter() - started,
+            "is_awaitable": awaitable,
+        }
+
+    async def run_async(ckpt: Checkpointer, k: str, site: str, args: tuple, kwargs: dict) -> Any:
+        found, value, _ = ckpt.lookup(k)
+        if found:
+            return value
+        started = time.perf_counter()
+        value = await fn(*args, **kwargs)
+        ckpt.save(k, value, **fields(site, started, True))
+        return value
+
+    async def finish(ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any]) -> Any:
+        value = await pending
+        ckpt.save(k, value, **fields(site, started, True))
+        return value
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ckpt = None if disable else resolve()
+        if ckpt is None:
+            return fn(*args, **kwargs)
+        site = _call_site(1)
+        k = _resolve_key(key, fn, args, kwargs, site)
+        if is_coro_fn:
+            return run_async(ckpt, k, site, args, kwargs)
+        found, value, meta = ckpt.lookup(k)
+        if found:
+            return _ready(value) if meta.get("is_awaitable") else value
+        started = time.perf_counter()
+        ret = fn(*args, **kwargs)
+        if inspect.isawaitable(ret):
+            # A plain function that returned an awaitable: like the reference,
+            # save what it resolves to, and hand back an awaitable on hits.
+            return finish(ckpt, k, site, started, ret)
+        ckpt.save(k, ret, **fields(site, started, False))
+        return ret
+
+    if is_coro_fn:
+        _mark_coroutine_function(wrapper)
+    return wrapper
+
+
+def _mark_coroutine_function(fn: Callable[..., Any]) -> None:
+    # The wrapper is a plain function (so it sees the caller's frame for the
+    # call site) that returns a coroutine; tell inspect it is async.
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:
+        mark(fn)
+
+

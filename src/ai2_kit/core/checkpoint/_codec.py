@@ -1,0 +1,175 @@
+"""Values to bytes and back, independent of where the bytes are stored.
+
+A value is pickled with cloudpickle at protocol 5. Large contiguous buffers
+(numpy arrays, bytearrays) are taken out of band, so they are written from
+and read into their own memory without an intermediate copy. The pieces are
+laid out in a *frame*:
+
+    b"A2KF" | u32 n | n x u64 part lengths | part 0 (pickle stream) | part 1..n-1
+
+A CRC-32 over all parts is recorded in the entry's metadata and checked before
+anything is unpickled, so a flipped byte is reported, never returned.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import zlib
+from typing import Any, BinaryIO, Iterable
+
+import cloudpickle
+
+__all__ = [
+    "Encoded",
+    "encode",
+    "decode_bytes",
+    "read_frame",
+    "meta_to_json",
+    "meta_from_json",
+    "FRAME_MAGIC",
+]
+
+FRAME_MAGIC = b"A2KF"
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+# Read and checksum big buffers in slices: bounded extra memory, and the
+# CRC runs on data that is still hot in the cache.
+_CHUNK = 16 << 20
+
+
+class Encoded:
+    """A pickled value as a list of parts, ready to be written anywhere."""
+
+    __slots__ = ("parts", "header", "size", "crc")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.header = (
+            FRAME_MAGIC + _U32.pack(len(parts)) + b"".join(_U64.pack(p.nbytes) for p in parts)
+        )
+        self.size = len(self.header) + sum(p.nbytes for p in parts)
+        crc = 0
+        for p in parts:
+            crc = _crc_update(crc, p)
+        self.crc = f"{crc:08x}"
+
+    def to_bytes(self) -> bytes:
+        """The whole frame as one bytes object (for small values kept inline)."""
+        return b"".join([self.header, *self.parts])
+
+    def write_to(self, f: BinaryIO) -> None:
+        """Write the frame to an open binary file, each part from its own memory."""
+        f.write(self.header)
+        for p in self.parts:
+            f.write(p)
+
+    def chunks(self) -> Iterable[memoryview]:
+        """The frame as a sequence of byte views (for streaming writers)."""
+        yield memoryview(self.header)
+        for p in self.parts:
+            for i in range(0, p.nbytes, _CHUNK):
+                yield p[i : i + _CHUNK]
+
+
+def _crc_update(crc: int, view: memoryview) -> int:
+    for i in range(0, view.nbytes, _CHUNK):
+        crc = zlib.crc32(view[i : i + _CHUNK], crc)
+    return crc
+
+
+def encode(value: Any) -> Encoded:
+    """Pickle ``value``; raises whatever the pickler raises for unpicklable values."""
+    buffers: list[memoryview] = []
+
+    def take(buf: pickle.PickleBuffer) -> bool:
+        try:
+            buffers.append(buf.raw())
+        except BufferError:
+            return True  # not contiguous: let the pickler keep it in band
+        return False
+
+    data = cloudpickle.dumps(value, protocol=5, buffer_callback=take)
+    return Encoded([memoryview(data), *buffers])
+
+
+def _parse_header(head: bytes, source: str) -> list[int]:
+    if head[:4] != FRAME_MAGIC:
+        raise ValueError(f"bad frame magic in {source}")
+    (n,) = _U32.unpack_from(head, 4)
+    return [_U64.unpack_from(head, 8 + 8 * i)[0] for i in range(n)]
+
+
+def _check(crc: int, expected: str | None) -> None:
+    if expected is not None and f"{crc:08x}" != expected:
+        raise ValueError(f"checksum mismatch (stored {expected}, computed {crc:08x})")
+
+
+def decode_bytes(frame: bytes | memoryview, expected_crc: str | None) -> Any:
+    """Check and unpickle a frame held in memory."""
+    view = memoryview(frame)
+    if view.nbytes < 8:
+        raise ValueError("frame too short")
+    (n,) = _U32.unpack_from(view, 4)
+    lengths = _parse_header(bytes(view[: 8 + 8 * n]), "memory")
+    pos = 8 + 8 * n
+    if pos + sum(lengths) != view.nbytes:
+        raise ValueError(f"frame length {view.nbytes} does not match its header")
+    parts = []
+    crc = 0
+    for length in lengths:
+        part = view[pos : pos + length]
+        crc = _crc_update(crc, part)
+        parts.append(part)
+        pos += length
+    _check(crc, expected_crc)
+    # Out-of-band buffers get their own writable memory, as the original had.
+    return pickle.loads(parts[0], buffers=[bytearray(p) for p in parts[1:]])
+
+
+def read_frame(f: BinaryIO, expected_crc: str | None, source: str) -> Any:
+    """Check and unpickle a frame read from a file positioned at its start."""
+    head = _read_exact(f, 8, source)
+    (n,) = _U32.unpack_from(head, 4)
+    if n > 1 << 20:
+        raise ValueError(f"implausible part count {n} in {source}")
+    lengths = _parse_header(head + _read_exact(f, 8 * n, source), source)
+    parts: list[bytearray] = []
+    crc = 0
+    for length in lengths:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        for i in range(0, length, _CHUNK):
+            chunk = view[i : i + _CHUNK]
+            got = f.readinto(chunk)  # type: ignore[attr-defined]
+            while got is not None and got < chunk.nbytes:
+                more = f.readinto(chunk[got:])  # type: ignore[attr-defined]
+                if not more:
+                    raise ValueError(f"{source} is truncated")
+                got += more
+            crc = zlib.crc32(chunk, crc)
+        parts.append(buf)
+    if f.read(1):
+        raise ValueError(f"{source} has trailing bytes after its frame")
+    _check(crc, expected_crc)
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def _read_exact(f: BinaryIO, n: int, source: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"{source} is truncated")
+    return data
+
+
+def meta_to_json(meta: dict[str, Any]) -> str:
+    """Serialize a metadata record (sorted keys, so it is stable for MACs)."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def meta_from_json(text: str | bytes) -> dict[str, Any]:
+    meta = json.loads(text)
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    return meta

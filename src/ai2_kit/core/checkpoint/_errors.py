@@ -1,0 +1,102 @@
+"""The exception hierarchy: one base class, specific subclasses carrying data."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "InvalidKeyError",
+    "StoreOpenError",
+    "NotACheckpointStoreError",
+    "NewerFormatError",
+    "ReadOnlyStoreError",
+    "CorruptEntryError",
+    "SaveError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by ``ai2_kit.core.checkpoint``."""
+
+
+class InvalidKeyError(CheckpointError, ValueError):
+    """A key that cannot address an entry (empty, NUL, ``..``, absolute...)."""
+
+    def __init__(self, key: object, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(
+            f"invalid checkpoint key {key!r}: {reason}. Keys are non-empty strings "
+            "of '/'-separated parts such as 'iters-000/deepmd/red'; no part may be "
+            "empty, '.' or '..', and NUL is not allowed."
+        )
+
+
+class StoreOpenError(CheckpointError, OSError):
+    """A store location that cannot be opened (missing, unreadable, wrong kind)."""
+
+    def __init__(self, location: str, reason: str, hint: str = "") -> None:
+        self.location = location
+        self.reason = reason
+        self.hint = hint
+        msg = f"cannot open checkpoint store {location!r}: {reason}"
+        if hint:
+            msg += f". {hint}"
+        # OSError's own __init__ would reinterpret the arguments; keep ours.
+        Exception.__init__(self, msg)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NotACheckpointStoreError(StoreOpenError):
+    """The location exists but holds something that is not a checkpoint store."""
+
+
+class NewerFormatError(StoreOpenError):
+    """The store was written by a newer version of the library; reading only."""
+
+    def __init__(self, location: str, found: int, supported: int, writer: str = "") -> None:
+        self.found = found
+        self.supported = supported
+        self.writer = writer
+        by = f" (written by ai2-kit-checkpoint {writer})" if writer else ""
+        super().__init__(
+            location,
+            f"format version {found}{by} is newer than this library's {supported}",
+            "It is opened read-only; upgrade ai2-kit-checkpoint to write to it",
+        )
+
+
+class ReadOnlyStoreError(CheckpointError, PermissionError):
+    """A write was attempted on a store that was opened read-only."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        self.location = location
+        self.reason = reason
+        Exception.__init__(self, f"checkpoint store {location!r} is read-only: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CorruptEntryError(CheckpointError):
+    """A stored entry failed its integrity check; its value is never returned."""
+
+    def __init__(self, location: str, key: str, reason: str) -> None:
+        self.location = location
+        self.key = key
+        self.reason = reason
+        super().__init__(
+            f"checkpoint entry {key!r} in {location!r} is damaged: {reason}. "
+            f"Remove it (ai2-kit tool checkpoint load {location} - rm {key!r}) "
+            "so the step runs again, or run 'verify' to salvage the rest."
+        )
+
+
+class SaveError(CheckpointError):
+    """Saving a step's result failed (unpicklable value, disk full, read-only...)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"could not save checkpoint {key!r}: {reason}")

@@ -1,0 +1,206 @@
+"""The store contract: what every storage engine implements, and the policy above it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterator, NamedTuple
+
+from .._codec import Encoded, encode
+from .._errors import CorruptEntryError, ReadOnlyStoreError, SaveError
+from .._keys import key_matcher, prefix_of, validate_key
+
+__all__ = ["Store", "Hit", "FORMAT_VERSION", "library_version"]
+
+#: Version of the on-disk formats written by this library (metadata record,
+#: frame layout, SQLite schema, directory layout).
+FORMAT_VERSION = 1
+
+# Errors a storage engine may raise for I/O trouble; mapped to SaveError on put.
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
+
+
+def library_version() -> str:
+    from .... import __version__
+
+    return __version__
+
+
+_HOST = socket.gethostname()
+
+
+class Hit(NamedTuple):
+    """A stored entry: its metadata record and its value."""
+
+    meta: dict[str, Any]
+    value: Any
+
+
+Loader = Callable[[], Any]
+
+
+class Store(ABC):
+    """A place that keeps checkpoint entries.
+
+    The public methods (``lookup``, ``put``, ``delete``, ``iter_meta``...)
+    validate keys, build metadata, encode values, map errors and enforce
+    read-only mode, once for every engine. An engine implements only these
+    hooks, each called with a key that is already valid:
+
+    ``_get(key) -> (meta, loader) | None``
+        The metadata record and a function that returns the value (it may
+        raise; the caller reports it as a damaged entry).
+    ``_get_meta(key) -> meta | None``
+        The metadata record alone, without reading or unpickling the value.
+    ``_put(key, meta, encoded)``
+        Store atomically: afterwards the entry is complete and durable, or
+        (on error, crash or kill) the previous state is untouched.
+    ``_delete(key) -> bool``
+        Remove one entry; True when something was removed.
+    ``_iter_meta(prefix) -> iterator of meta``
+        Metadata records of every key that starts with the string ``prefix``,
+        sorted by key, never unpickling a value.
+    ``_close()``
+        Release connections and files.
+
+    ``location`` names the store in messages; ``kind`` is a short word
+    (``sqlite``, ``directory``, ``legacy-file``, ``postgres``).
+    """
+
+    kind: str = "abstract"
+
+    def __init__(self, location: str, *, readonly: bool = False, readonly_reason: str = "") -> None:
+        self.location = location
+        self.readonly = readonly
+        self.readonly_reason = readonly_reason or "opened read-only"
+        self.closed = False
+
+    # -- hooks ------------------------------------------------------------
+    @abstractmethod
+    def _get(self, key: str) -> tuple[dict[str, Any], Loader] | None: ...
+
+    @abstractmethod
+    def _get_meta(self, key: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def _put(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None: ...
+
+    @abstractmethod
+    def _delete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]: ...
+
+    def _close(self) -> None:
+        """Release resources; the default has nothing to release."""
+
+    # -- public API ---------------------------------------------------------
+    def lookup(self, key: str) -> Hit | None:
+        """The entry stored under ``key``, or None. Raises CorruptEntryError."""
+        key = validate_key(key)
+        got = self._get(key)
+        if got is None:
+            return None
+        meta, load = got
+        try:
+            value = load()
+        except CorruptEntryError:
+            raise
+        except Exception as e:  # any failure to read or unpickle is damage
+            raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
+        return Hit(meta, value)
+
+    def get_meta(self, key: str) -> dict[str, Any] | None:
+        """The metadata record of ``key`` (never unpickles), or None."""
+        return self._get_meta(validate_key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return self._get_meta(validate_key(key)) is not None
+
+    def put(self, key: str, value: Any, **fields: Any) -> dict[str, Any]:
+        """Save ``value`` under ``key`` durably; returns the metadata record.
+
+        Raises SaveError (unpicklable value, I/O failure) or ReadOnlyStoreError.
+        """
+        key = validate_key(key)
+        if self.readonly:
+            raise ReadOnlyStoreError(self.location, self.readonly_reason)
+        try:
+            encoded = encode(value)
+        except Exception as e:
+            raise SaveError(key, f"the value cannot be pickled ({type(e).__name__}: {e})") from e
+        meta = self.make_meta(key, encoded, fields)
+        self.put_encoded(key, meta, encoded)
+        return meta
+
+    def put_encoded(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
+        """Store an already encoded value with a complete metadata record."""
+        if self.readonly:
+            raise ReadOnlyStoreError(self.location, self.readonly_reason)
+        try:
+            self._put(key, meta, encoded)
+        except _STORAGE_ERRORS as e:
+            raise SaveError(key, f"{type(e).__name__}: {e} (store {self.location})") from e
+
+    @staticmethod
+    def make_meta(key: str, encoded: Encoded, fields: dict[str, Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "key": key,
+            "format": FORMAT_VERSION,
+            "created": time.time(),
+            "size": encoded.size,
+            "crc32": encoded.crc,
+            "host": _HOST,
+            "pid": os.getpid(),
+            "version": library_version(),
+        }
+        meta.update(fields)
+        return meta
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True when it existed."""
+        key = validate_key(key)
+        if self.readonly:
+            raise ReadOnlyStoreError(self.location, self.readonly_reason)
+        return self._delete(key)
+
+    def iter_meta(self, pattern: str | None = None) -> Iterator[dict[str, Any]]:
+        """Metadata of entries matching ``pattern`` (see ``key_matcher``), sorted."""
+        match = key_matcher(pattern)
+        for meta in self._iter_meta(prefix_of(pattern or "")):
+            if match(meta["key"]):
+                yield meta
+
+    def delete_many(self, keys: list[str]) -> int:
+        """Remove several keys; returns how many existed."""
+        keys = [validate_key(k) for k in keys]
+        if self.readonly:
+            raise ReadOnlyStoreError(self.location, self.readonly_reason)
+        return self._delete_many(keys)
+
+    def _delete_many(self, keys: list[str]) -> int:
+        """Engines with transactions override this to remove in one go."""
+        return sum(1 for k in keys if self._delete(k))
+
+    def keys(self, pattern: str | None = None) -> list[str]:
+        return [m["key"] for m in self.iter_meta(pattern)]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._iter_meta(""))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.location!r}{' read-only' if self.readonly else ''}>"

@@ -1,0 +1,362 @@
+"""The single-file store: one SQLite database, one transaction per entry."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+from typing import Any, Iterator
+
+from .._codec import Encoded, decode_bytes, meta_from_json, meta_to_json, read_frame
+from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
+from ._base import FORMAT_VERSION, Loader, Store, library_version
+from ._fs import fsync_dir, is_network_fs, temp_name
+
+__all__ = ["SQLiteStore", "APPLICATION_ID", "SQLITE_MAGIC", "INLINE_MAX"]
+
+logger = logging.getLogger("ai2_kit.checkpoint")
+
+#: Marks our files: PRAGMA application_id = 'A2KC'.
+APPLICATION_ID = 0x41324B43
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: Frames larger than this live in a side file next to the database, written
+#: from the value's own memory, so a big array costs about what np.save costs
+#: and the database (and its WAL) stays small.
+INLINE_MAX = 1 << 20
+BUSY_TIMEOUT_S = 120.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key     TEXT PRIMARY KEY NOT NULL,
+    created REAL NOT NULL,
+    meta    TEXT NOT NULL,
+    value   BLOB,
+    blob    TEXT
+);
+CREATE INDEX IF NOT EXISTS entries_created ON entries (created);
+CREATE TABLE IF NOT EXISTS store_info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
+"""
+
+
+def _successor(prefix: str) -> str | None:
+    """The smallest string greater than every string that starts with ``prefix``."""
+    while prefix:
+        c = ord(prefix[-1])
+        if c < 0x10FFFF:
+            nxt = c + 1
+            if 0xD800 <= nxt <= 0xDFFF:
+                nxt = 0xE000
+            return prefix[:-1] + chr(nxt)
+        prefix = prefix[:-1]
+    return None
+
+
+class SQLiteStore(Store):
+    """A checkpoint store in one SQLite file (the default of ``set_checkpoint_file``).
+
+    Every entry is written in its own ``BEGIN IMMEDIATE`` transaction with
+    ``synchronous=FULL``: once ``put`` returns, the entry survives a kill or a
+    power cut. WAL is used unless the file lives on a network file system,
+    where SQLite's shared-memory index cannot work across hosts.
+    """
+
+    kind = "sqlite"
+
+    def __init__(
+        self, path: str, *, readonly: bool = False, create: bool = True, journal: str | None = None
+    ) -> None:
+        path = os.path.abspath(os.fspath(path))
+        self._journal = journal
+        super().__init__(path, readonly=readonly)
+        self.path = path
+        self.blob_dir = path + ".blobs"
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        if os.path.isdir(path):
+            raise NotACheckpointStoreError(
+                path, "it is a directory", "Use set_checkpoint_dir() for a directory store"
+            )
+        if not os.path.exists(path):
+            if not create or readonly:
+                raise StoreOpenError(path, "no such file", "Check the path")
+            self._create()
+        else:
+            check_sqlite_header(path)
+        if not readonly and not os.access(path, os.W_OK):
+            self.readonly, self.readonly_reason = True, "no write permission on the file"
+        self._check_schema()
+
+    # -- opening ------------------------------------------------------------
+    def _create(self) -> None:
+        """Create the database under a temporary name, then link it into place.
+
+        A half-initialised file must never be visible at ``path``: a second
+        process would see a 0-byte or foreign-looking file and refuse it.
+        ``link`` fails if someone else won the race, and we use theirs.
+        """
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = temp_name(self.path)
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT INTO store_info VALUES ('created_by', ?)", (library_version(),)
+            )
+        finally:
+            conn.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass
+        except OSError:
+            # File systems without hard links: rename, accepting a tiny race.
+            if not os.path.exists(self.path):
+                os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsync_dir(parent)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            uri = "file:" + _uri_path(self.path) + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        else:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """One connection per thread, reopened in a forked child."""
+        if os.getpid() != self._pid:
+            # A connection must never cross fork(): the child gets fresh ones.
+            self._pid = os.getpid()
+            self._local = threading.local()
+            self._all = []
+            self._lock = threading.Lock()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.closed:
+                raise StoreOpenError(self.path, "the store is closed", "Open it again")
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _check_schema(self) -> None:
+        try:
+            conn = self._conn()
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise NotACheckpointStoreError(
+                self.path, f"SQLite cannot read it ({e})", "Is the file damaged? Try 'verify'"
+            ) from e
+        if app_id != APPLICATION_ID:
+            self.close()
+            raise NotACheckpointStoreError(
+                self.path,
+                "it is an SQLite database of another application",
+                "Pick a new file name for the checkpoint store; this file is left untouched",
+            )
+        if version > FORMAT_VERSION:
+            err = NewerFormatError(self.path, version, FORMAT_VERSION, self._info("created_by"))
+            logger.warning("%s", err)
+            self.readonly, self.readonly_reason = True, str(err)
+            return
+        if not self.readonly:
+            self._set_journal_mode(conn)
+
+    def _info(self, name: str) -> str:
+        with contextlib.suppress(sqlite3.Error):
+            row = self._conn().execute("SELECT value FROM store_info WHERE name=?", (name,)).fetchone()
+            if row:
+                return str(row[0])
+        return ""
+
+    def _set_journal_mode(self, conn: sqlite3.Connection) -> None:
+        want = (self._journal or os.environ.get("AI2_KIT_CHECKPOINT_JOURNAL", "")).lower()
+        if not want:
+            want = "delete" if is_network_fs(self.path) else "wal"
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+        if mode != want:
+            try:
+                got = conn.execute(f"PRAGMA journal_mode={want}").fetchone()[0].lower()
+            except sqlite3.OperationalError as e:  # another connection holds it
+                logger.debug("journal mode of %s left at %s: %s", self.path, mode, e)
+                return
+            if got != want:
+                logger.debug("journal mode of %s is %s (wanted %s)", self.path, got, want)
+
+    # -- hooks ----------------------------------------------------------------
+    def _get(self, key: str) -> tuple[dict[str, Any], Loader] | None:
+        row = self._conn().execute(
+            "SELECT meta, value, blob FROM entries WHERE key=?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        meta = meta_from_json(row[0])
+        value, blob = row[1], row[2]
+        crc = meta.get("crc32")
+        if blob is not None:
+            path = self._blob_path(blob)
+
+            def load() -> Any:
+                with open(path, "rb", buffering=0) as f:
+                    return read_frame(f, crc, path)
+
+            return meta, load
+        return meta, lambda: decode_bytes(value, crc)
+
+    def _get_meta(self, key: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT meta FROM entries WHERE key=?", (key,)).fetchone()
+        return None if row is None else meta_from_json(row[0])
+
+    def _blob_path(self, name: str) -> str:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"bad side-file name {name!r}")
+        return os.path.join(self.blob_dir, name)
+
+    def _write_blob(self, encoded: Encoded) -> str:
+        os.makedirs(self.blob_dir, exist_ok=True)
+        name = f"{secrets.token_hex(16)}.frame"
+        path = os.path.join(self.blob_dir, name)
+        # A unique name that nothing refers to until the row commits: a crash
+        # before the commit leaves an orphan file, never a half-written value.
+        with open(path, "xb", buffering=0) as f:
+            encoded.write_to(f)
+            os.fsync(f.fileno())
+        fsync_dir(self.blob_dir)
+        return name
+
+    def _put(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
+        blob = None
+        value: bytes | None = None
+        if encoded.size > INLINE_MAX:
+            blob = self._write_blob(encoded)
+        else:
+            value = encoded.to_bytes()
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                old = conn.execute("SELECT blob FROM entries WHERE key=?", (key,)).fetchone()
+                conn.execute(
+                    "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)",
+                    (key, meta["created"], meta_to_json(meta), value, blob),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            if blob is not None:
+                self._unlink_blob(blob)
+            raise
+        if old is not None and old[0] is not None:
+            self._unlink_blob(old[0])
+
+    def _unlink_blob(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            os.unlink(self._blob_path(name))
+
+    def _delete_many(self, keys: list[str]) -> int:
+        conn = self._conn()
+        blobs: list[str] = []
+        removed = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for key in keys:
+                row = conn.execute("SELECT blob FROM entries WHERE key=?", (key,)).fetchone()
+                if row is None:
+                    continue
+                conn.execute("DELETE FROM entries WHERE key=?", (key,))
+                removed += 1
+                if row[0] is not None:
+                    blobs.append(row[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        for name in blobs:  # after the commit: a crash here only leaves orphans
+            self._unlink_blob(name)
+        return removed
+
+    def _delete(self, key: str) -> bool:
+        return self._delete_many([key]) == 1
+
+    def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]:
+        upper = _successor(prefix) if prefix else None
+        if not prefix:
+            sql, params = "SELECT meta FROM entries ORDER BY key", ()
+        elif upper is None:
+            sql, params = "SELECT meta FROM entries WHERE key >= ? ORDER BY key", (prefix,)
+        else:
+            sql = "SELECT meta FROM entries WHERE key >= ? AND key < ? ORDER BY key"
+            params = (prefix, upper)  # type: ignore[assignment]
+        # A connection of its own: a caller may write (rm) while iterating.
+        conn = self._connect()
+        try:
+            for (text,) in conn.execute(sql, params):
+                yield meta_from_json(text)
+        finally:
+            conn.close()
+
+    def __len__(self) -> int:
+        return int(self._conn().execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    def _close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    # -- maintenance ------------------------------------------------------------
+    def integrity_check(self) -> list[str]:
+        """SQLite's own integrity check; an empty list means the file is sound."""
+        rows = self._conn().execute("PRAGMA integrity_check").fetchall()
+        return [] if rows == [("ok",)] else [r[0] for r in rows]
+
+
+def _uri_path(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path)
+
+
+def check_sqlite_header(path: str) -> None:
+    """Refuse anything at ``path`` that is not an SQLite file, naming the path."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except PermissionError as e:
+        raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
+    if not head:
+        raise NotACheckpointStoreError(
+            path, "the file is empty (0 bytes)",
+            "Remove it or pick another path; it is not overwritten",
+        )
+    if not head.startswith(SQLITE_MAGIC):
+        raise NotACheckpointStoreError(
+            path, "it is not an SQLite checkpoint store nor a reference pickle file",
+            "Pick another path; the file is left untouched",
+        )
