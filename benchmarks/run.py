@@ -1,0 +1,209 @@
+"""Run the checkpoint benchmark suite and print its tables.
+
+    python benchmarks/run.py              # the full suite (about 10-15 minutes)
+    python benchmarks/run.py --quick      # a CI-sized smoke run (seconds)
+    python benchmarks/run.py --only W1,W4 --contenders sqlite,dir,floor_full
+
+Every (contender, workload) runs in a fresh process (benchmarks/_worker.py).
+Results go to benchmarks/results/ as JSON; the tables and the growth plot are
+regenerated into docs/ (``--out``) from them, unless ``--no-docs``.
+Re-render the docs from a saved run with ``--render benchmarks/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "_worker.py")
+sys.path.insert(0, HERE)
+
+from report import render, write_docs  # noqa: E402
+
+# Only these stop at the time budget; the others must finish every size.
+SLOW = {"joblib", "reference"}
+SMALL = ["sqlite", "dir", "joblib", "diskcache", "reference", "floor_full", "floor_normal", "pickle_append"]
+BIG = ["sqlite", "dir", "joblib", "diskcache", "reference", "np_save", "np_save_fsync"]
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5"]
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def run_worker(contender: str, workload: str, n: int, tmp: str, *, budget: float, mb: float = 5.0,
+               python: str = sys.executable) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; a failure becomes a record with ``error``."""
+    cmd = [python, WORKER, contender, workload, str(n), tmp, "--budget", str(budget), "--mb", str(mb)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget * 4 + 300, check=False)
+    except subprocess.TimeoutExpired:
+        rec = {"contender": contender, "workload": workload, "n": n, "error": "timed out"}
+    else:
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            rec = json.loads(lines[-1][len("RESULT "):])
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            rec = {"contender": contender, "workload": workload, "n": n,
+                   "error": f"exit {proc.returncode}: {tail[:400]}"}
+    rec["wall_s"] = time.perf_counter() - t0
+    brief = {k: rec[k] for k in ("mean_us", "open_ms", "ls_ms", "save_s", "load_s", "error", "stopped_at")
+             if rec.get(k) is not None}
+    log(f"  {workload:8s} {contender:14s} n={n:<7d} {rec['wall_s']:6.1f}s {_short(brief)}")
+    return rec
+
+
+def _short(d: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False)
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "src"], capture_output=True,
+                               text=True, check=False).stdout.strip()
+        return out.stdout.strip() + ("+dirty-src" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def run_suite(a: argparse.Namespace) -> dict[str, Any]:
+    only = set(a.only.split(",")) if a.only else set(WORKLOADS)
+    if "W5" in only:  # the growth figures come from W1 and W2
+        only |= {"W1", "W2"}
+    pick = set(a.contenders.split(",")) if a.contenders else None
+    small = [c for c in SMALL if pick is None or c in pick]
+    big = [c for c in BIG if pick is None or c in pick]
+    sizes = [int(s) for s in a.sizes.split(",")]
+    records: list[dict[str, Any]] = []
+    base_tmp = tempfile.mkdtemp(prefix="ckpt-bench-", dir=a.tmp)
+    started = time.perf_counter()
+    try:
+        log(f"interpreter baselines (tmp {base_tmp})")
+        for who in ("bare", "sqlite", "diskcache"):
+            if who == "bare" or who in small:
+                records.append(run_worker(who, "rss", 0, base_tmp, budget=a.budget))
+        capped: dict[str, int] = {}
+        if only & {"W1", "W2"}:
+            for n in sizes:
+                log(f"W1/W2 n={n}")
+                for c in small:
+                    if c in capped:
+                        records.append({"contender": c, "workload": "W1", "n": n, "skipped":
+                                        f"stopped at {capped[c]} for a smaller n"})
+                        continue
+                    tmp = os.path.join(base_tmp, f"{c}-{n}")
+                    budget = a.budget if c in SLOW else max(a.budget, 900.0)
+                    rec = run_worker(c, "W1", n, tmp, budget=budget)  # W2 resumes its store
+                    records.append(rec)
+                    done = 0 if "error" in rec else rec.get("stopped_at") or n
+                    if rec.get("stopped_at"):
+                        capped[c] = rec["stopped_at"]
+                    if "W2" in only and done:
+                        records.append(run_worker(c, "W2", done, tmp, budget=budget))
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if "W3" in only:
+            log(f"W3 ls of {a.w3_n} x {a.w3_mb} MB")
+            for c in small:
+                tmp = os.path.join(base_tmp, f"w3-{c}")
+                build = run_worker(c, "W3build", a.w3_n, tmp, budget=a.budget, mb=a.w3_mb)
+                records.append(build)
+                if "error" not in build:
+                    records.append(run_worker(c, "W3", a.w3_n, tmp, budget=a.budget, mb=a.w3_mb))
+                    if c == "sqlite":
+                        records.append(run_worker("cli", "W3cli", a.w3_n, tmp, budget=a.budget))
+                shutil.rmtree(tmp, ignore_errors=True)
+        if "W4" in only:
+            log(f"W4 one array of {a.w4_mb} MB")
+            for c in big:
+                tmp = os.path.join(base_tmp, f"w4-{c}")
+                save = run_worker(c, "W4save", 1, tmp, budget=a.budget, mb=a.w4_mb)
+                records.append(save)
+                if "error" not in save:
+                    records.append(run_worker(c, "W4load", 1, tmp, budget=a.budget, mb=a.w4_mb))
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(base_tmp, ignore_errors=True)
+    return {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "commit": git_commit(),
+            "quick": a.quick,
+            "sizes": sizes,
+            "budget_s": a.budget,
+            "w3": [a.w3_n, a.w3_mb],
+            "w4_mb": a.w4_mb,
+            "tmp": a.tmp or tempfile.gettempdir(),
+            "total_s": time.perf_counter() - started,
+        },
+        "records": records,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the suite runs")
+    p.add_argument("--only", help="comma-separated workloads, e.g. W1,W4 (default: all)")
+    p.add_argument("--contenders", help=f"comma-separated subset of {','.join(dict.fromkeys(SMALL + BIG))}")
+    p.add_argument("--sizes", help="W1/W2 entry counts (default 1000,10000,100000)")
+    p.add_argument("--budget", type=float,
+                   help=f"seconds per size before {'/'.join(sorted(SLOW))} stop (default 45)")
+    p.add_argument("--w3-n", type=int, help="W3 entries (default 200)")
+    p.add_argument("--w3-mb", type=float, help="W3 array size in MiB (default 5)")
+    p.add_argument("--w4-mb", type=float, help="W4 array size in MiB (default 512)")
+    p.add_argument("--tmp", help="where stores are written (default: the system temp dir)")
+    p.add_argument("--results", default=os.path.join(HERE, "results"), help="where JSON results go")
+    p.add_argument("--out", help="where performance.md and the plot go (default docs/, not with --quick)")
+    p.add_argument("--no-docs", action="store_true", help="do not write docs")
+    p.add_argument("--render", metavar="JSON", help="only re-render the docs from a saved results file")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.sizes = a.sizes or ("200" if q else "1000,10000,100000")
+    a.budget = a.budget or (20.0 if q else 45.0)
+    a.w3_n = a.w3_n or (10 if q else 200)
+    a.w3_mb = a.w3_mb or (1.5 if q else 5.0)
+    a.w4_mb = a.w4_mb or (16.0 if q else 512.0)
+    if a.out is None and not q:
+        a.out = os.path.join(ROOT, "docs")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.render:
+        with open(a.render, encoding="utf-8") as f:
+            results = json.load(f)
+    else:
+        results = run_suite(a)
+        os.makedirs(a.results, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in (f"run-{stamp}.json", "latest.json"):
+            with open(os.path.join(a.results, name), "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=1)
+        log(f"results: {os.path.join(a.results, f'run-{stamp}.json')}")
+    print(render(results))
+    if a.out and not a.no_docs:
+        for path in write_docs(results, a.out):
+            log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
