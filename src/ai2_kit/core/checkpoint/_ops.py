@@ -1,0 +1,456 @@
+"""Operations over a whole store: select, remove, summarise as a tree, migrate.
+
+These are what ``ai2-kit tool checkpoint ...`` runs, and they are plain
+library functions so that scripts can call them too::
+
+    from ai2_kit.core.checkpoint import open_store
+    from ai2_kit.core.checkpoint._ops import remove
+
+    with open_store("./checkpoint.db") as store:
+        gone = remove(store, "iters-003")      # redo from iteration 3 on
+
+None of them unpickles a stored value of the project's own stores: they work
+on the metadata records only (``migrate`` is the exception: converting a
+reference file means reading its values).
+
+Patterns follow ``key_matcher``: without ``* ? [`` a pattern names a key and
+everything below it (``iters-000/deepmd`` matches ``iters-000/deepmd/red``
+but not ``iters-000/deepmd-old``); with them it is a glob over whole keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence, Union
+from urllib.parse import quote
+
+from ._errors import CheckpointError, NewerFormatError, ReadOnlyStoreError, StoreOpenError
+from ._keys import key_matcher
+from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
+from .stores._base import FORMAT_VERSION
+from .stores._directory import MARKER
+from .stores._legacy import LegacyFileStore, load_legacy_file
+from .stores._sqlite import APPLICATION_ID, SQLITE_MAGIC
+
+__all__ = [
+    "Exclude",
+    "open_existing",
+    "newer_format",
+    "iter_select",
+    "select",
+    "remove",
+    "TreeNode",
+    "tree",
+    "MigrationReport",
+    "migrate",
+    "format_size",
+    "format_duration",
+]
+
+#: One glob/prefix pattern, or several, naming keys to leave out.
+Exclude = Union[str, Sequence[str], None]
+
+
+def open_existing(location: Any, *, readonly: bool = False, allow_newer: bool = True) -> Store:
+    """Open a store that must already exist; never creates one.
+
+    ``open_store`` creates a new store at a path that does not exist yet,
+    which is right for a workflow and wrong for a tool: a typo in
+    ``ls ./chekpoint.db`` must say so, not leave an empty database behind.
+
+    Parameters:
+        location: a path or a ``postgresql://`` URL.
+        readonly: open for reading only.
+        allow_newer: with False, a store written by a newer version of the
+            library raises ``NewerFormatError`` instead of opening read-only.
+
+    Raises:
+        StoreOpenError: the location is missing or cannot be read.
+        NotACheckpointStoreError: something is there, but not a store.
+        NewerFormatError: (only with ``allow_newer=False``).
+    """
+    if is_postgres_url(location):
+        store = open_store(location, readonly=readonly)
+        if not allow_newer:
+            _refuse_newer(store)
+        return store
+    if not isinstance(location, (str, os.PathLike)):
+        raise StoreOpenError(repr(location), "a store location must be a path or a postgresql:// URL")
+    path = os.path.abspath(os.fspath(location))
+    if not os.path.exists(path):
+        raise StoreOpenError(path, "no such file or directory", "Check the path; nothing was created")
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        # os.walk skips unreadable folders silently; an empty listing would lie.
+        raise StoreOpenError(path, "permission denied", "Check the directory's permissions")
+    if not allow_newer:
+        err = newer_format(path)
+        if err is not None:
+            raise err
+    return open_store(path, readonly=readonly)
+
+
+def newer_format(path: str) -> NewerFormatError | None:
+    """The ``NewerFormatError`` a file or directory store at ``path`` would carry, else None.
+
+    Looked up before opening, because the stores open such a store read-only
+    and log a warning, where a tool wants one clear error instead. Reads only
+    the format number: ``PRAGMA user_version`` of our SQLite files, the
+    marker file of our directories.
+    """
+    path = os.path.abspath(path)
+    found, writer = 0, ""
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+                info = json.load(f)
+            found, writer = int(info["format"]), str(info.get("created_by", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no marker, or the store reports its damage itself
+    else:
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                    return None
+            conn = sqlite3.connect("file:" + quote(path) + "?mode=ro", uri=True)
+        except (OSError, sqlite3.Error):
+            return None
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                return None
+            with contextlib.suppress(sqlite3.Error):
+                row = conn.execute("SELECT value FROM store_info WHERE name='created_by'").fetchone()
+                writer = str(row[0]) if row else ""
+        except sqlite3.Error:
+            return None
+        finally:
+            conn.close()
+    if found > FORMAT_VERSION:
+        return NewerFormatError(path, found, FORMAT_VERSION, writer)
+    return None
+
+
+def _refuse_newer(store: Store) -> None:
+    # Stores keep the reason they opened read-only as text only.
+    if store.readonly and "is newer than this library" in store.readonly_reason:
+        store.close()
+        raise StoreOpenError(store.location, store.readonly_reason)
+
+
+def _exclude_matcher(exclude: Exclude) -> Any:
+    if exclude is None:
+        return None
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    matchers = [key_matcher(p) for p in patterns if p]
+    if not matchers:
+        return None
+    return lambda key: any(m(key) for m in matchers)
+
+
+def iter_select(
+    store: Store, pattern: str | None = None, exclude: Exclude = None
+) -> Iterator[dict[str, Any]]:
+    """Metadata records of the entries matching ``pattern`` and no ``exclude``, sorted by key.
+
+    A generator: records come as the store yields them, so a listing of a
+    large store starts at once and holds one record at a time.
+
+    Parameters:
+        store: any open store.
+        pattern: a key prefix or a glob (see the module docstring); None or
+            ``""`` selects everything.
+        exclude: one pattern or several, with the same rules, to leave out.
+    """
+    skip = _exclude_matcher(exclude)
+    for meta in store.iter_meta(pattern or None):
+        if skip is None or not skip(meta["key"]):
+            yield meta
+
+
+def select(store: Store, pattern: str | None = None, exclude: Exclude = None) -> list[dict[str, Any]]:
+    """Like ``iter_select``, as a list."""
+    return list(iter_select(store, pattern, exclude))
+
+
+def remove(store: Store, pattern: str, exclude: Exclude = None) -> list[str]:
+    """Remove the entries matching ``pattern`` (and no ``exclude``); return their keys.
+
+    The keys returned are those that matched and are gone afterwards. An
+    empty ``pattern`` is refused: removing everything is spelled ``"*"``.
+    Values are never unpickled. A reference 2023 file is first converted to
+    the SQLite format, with a backup (see ``LegacyFileStore``).
+
+    >>> import os, tempfile
+    >>> with open_store(os.path.join(tempfile.mkdtemp(), "c.db")) as s:
+    ...     for k in ("iters-000/deepmd/red", "iters-000/deepmd-old", "iters-001/deepmd"):
+    ...         _ = s.put(k, 1)
+    ...     remove(s, "iters-000/deepmd"), s.keys()
+    (['iters-000/deepmd/red'], ['iters-000/deepmd-old', 'iters-001/deepmd'])
+
+    Raises:
+        ValueError: ``pattern`` is empty.
+        ReadOnlyStoreError: the store cannot be written.
+    """
+    if not pattern:
+        raise ValueError("remove() needs a pattern; use '*' to remove every entry")
+    keys = [m["key"] for m in iter_select(store, pattern, exclude)]
+    if keys:
+        store.delete_many(keys)
+    return keys
+
+
+# -- tree ---------------------------------------------------------------------
+@dataclass
+class TreeNode:
+    """One level of keys grouped by ``/``: totals of everything at and below it.
+
+    ``entry`` is True when the node's own path is also a key (a key may
+    have keys below it: ``a/b`` and ``a/b/c``).
+    """
+
+    name: str
+    count: int = 0
+    size: int = 0
+    entry: bool = False
+    children: dict[str, TreeNode] = field(default_factory=dict)
+
+    def add(self, parts: Sequence[str], size: int) -> None:
+        node = self
+        node.count += 1
+        node.size += size
+        for part in parts:
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = TreeNode(part)
+            child.count += 1
+            child.size += size
+            node = child
+        node.entry = True
+
+    def walk(self, depth: int | None = None) -> Iterator[tuple[int, TreeNode]]:
+        """(level, node) below this node, depth first, children sorted by name."""
+        stack: list[tuple[int, TreeNode]] = [(1, c) for c in sorted(self.children.values(),
+                                                                   key=lambda n: n.name, reverse=True)]
+        while stack:
+            level, node = stack.pop()
+            yield level, node
+            if depth is None or level < depth:
+                stack.extend((level + 1, c) for c in sorted(node.children.values(),
+                                                            key=lambda n: n.name, reverse=True))
+
+
+def tree(metas: Iterable[dict[str, Any]], name: str = "") -> TreeNode:
+    """Group metadata records by ``/`` into a ``TreeNode`` with counts and sizes per level.
+
+    >>> t = tree([{"key": "a/x", "size": 10}, {"key": "a/y", "size": 5}, {"key": "b", "size": 1}])
+    >>> [(lvl, n.name, n.count, n.size) for lvl, n in t.walk()]
+    [(1, 'a', 2, 15), (2, 'x', 1, 10), (2, 'y', 1, 5), (1, 'b', 1, 1)]
+    """
+    root = TreeNode(name)
+    for meta in metas:
+        size = meta.get("size")
+        root.add(meta["key"].split("/"), size if isinstance(size, int) else 0)
+    return root
+
+
+# -- migration ------------------------------------------------------------------
+@dataclass
+class MigrationReport:
+    """What ``migrate`` did.
+
+    ``source_format`` is ``"reference-file"`` (2023 single pickle file),
+    ``"reference-dir"`` (2024 directory of per-key pickles) or ``"current"``
+    (nothing to convert). ``migrated`` counts the entries converted and
+    verified, ``already`` those that were in the project's format before,
+    ``failed`` lists ``(key, reason)`` of entries left as they were.
+    """
+
+    location: str
+    source_format: str
+    store_kind: str
+    backup: str | None = None
+    migrated: int = 0
+    already: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _backup_name(path: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = f"{path}.legacy-{stamp}.bak"
+    n = 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}.legacy-{stamp}-{n}.bak"
+    return candidate
+
+
+def _is_reference_dir_entry(meta: dict[str, Any]) -> bool:
+    # A reference per-key file is listed with the few fields the directory
+    # store can learn without unpickling it; our own entries always carry a
+    # checksum.
+    return meta.get("legacy") == "reference-dir" and "crc32" not in meta
+
+
+def migrate(location: str | os.PathLike[str]) -> MigrationReport:
+    """Convert a store written by the reference design to the project's format.
+
+    - a reference 2023 file becomes an SQLite store in place, through
+      ``migrate_legacy_file`` (backup ``PATH.legacy-<time>.bak`` first);
+    - in a reference 2024 directory every per-key pickle file is rewritten
+      as the directory store's own entry, after the whole directory was
+      copied to ``DIR.legacy-<time>.bak``;
+    - a store already in the project's format is left alone.
+
+    Every converted entry is read back (checksum verified) and its key set
+    and metadata compared with the original; entries that cannot be read
+    are left untouched and listed in ``failed``.
+
+    Raises:
+        StoreOpenError, NotACheckpointStoreError: the location is missing or
+            not a store.
+        ReadOnlyStoreError: the store cannot be written.
+    """
+    if is_postgres_url(location):
+        store = open_store(location)
+        with store:
+            return MigrationReport(str(store.location), "current", store.kind, already=len(store))
+    path = os.path.abspath(os.fspath(location))
+    if os.path.isdir(path):
+        return _migrate_dir(path)
+    store = open_existing(path, allow_newer=False)
+    kind = store.kind
+    if not isinstance(store, LegacyFileStore):
+        with store:
+            return MigrationReport(path, "current", kind, already=len(store))
+    readonly, reason = store.readonly, store.readonly_reason
+    store.close()
+    if readonly or not os.access(os.path.dirname(path), os.W_OK) or not os.access(path, os.W_OK):
+        why = reason if readonly else "no write permission on the file or its folder"
+        raise ReadOnlyStoreError(path, why)
+    return _migrate_file(path)
+
+
+def _migrate_file(path: str) -> MigrationReport:
+    new, backup, count = migrate_legacy_file(path)
+    report = MigrationReport(path, "reference-file", new.kind, backup=backup)
+    with new:
+        if backup is None:  # another process converted it just before us
+            report.source_format, report.already = "current", count
+            return report
+        original = load_legacy_file(backup)
+        for key in sorted(original):
+            problem = _check_entry(new, key, original[key])
+            if problem:
+                report.failed.append((key, problem))
+            else:
+                report.migrated += 1
+        extra = set(new.keys()) - set(original)
+        report.failed.extend((k, "present after migration but not in the original") for k in sorted(extra))
+    return report
+
+
+def _check_entry(store: Store, key: str, record: Any) -> str:
+    """'' when ``key`` reads back from ``store`` with the reference record's metadata."""
+    try:
+        hit = store.lookup(key)
+    except CheckpointError as e:
+        return str(e)
+    if hit is None:
+        return "missing after migration"
+    if isinstance(record, dict):
+        info = record.get("info") or {}
+        want = {
+            "fn_name": info.get("fn_name") if isinstance(info, dict) else None,
+            "call_site": info.get("call_site") if isinstance(info, dict) else None,
+            "is_awaitable": bool(record.get("is_awaitable", False)),
+        }
+        for name, value in want.items():
+            if hit.meta.get(name) != value:
+                return f"metadata {name} is {hit.meta.get(name)!r}, expected {value!r}"
+    return ""
+
+
+def _migrate_dir(path: str) -> MigrationReport:
+    store = open_existing(path, allow_newer=False)
+    with store:
+        if not isinstance(store, DirectoryStore):  # pragma: no cover - open_store picks it for dirs
+            raise StoreOpenError(path, f"expected a directory store, found {store.kind}")
+        report = MigrationReport(path, "reference-dir", store.kind)
+        legacy: list[str] = []
+        for meta in store.iter_meta():
+            if _is_reference_dir_entry(meta):
+                legacy.append(meta["key"])
+            else:
+                report.already += 1
+        if not legacy:
+            report.source_format = "current"
+            return report
+        if store.readonly:
+            raise ReadOnlyStoreError(path, store.readonly_reason)
+        backup = _backup_name(path)
+        # The whole directory, before anything changes: a failure halfway
+        # leaves every original file either in place or in the backup.
+        shutil.copytree(path, backup, symlinks=True)
+        report.backup = backup
+        for key in legacy:
+            try:
+                hit = store.lookup(key)
+            except CheckpointError as e:
+                report.failed.append((key, str(e)))
+                continue
+            if hit is None:  # removed meanwhile; the backup still has it
+                report.failed.append((key, "disappeared during migration (kept in the backup)"))
+                continue
+            fields = {name: hit.meta.get(name) for name in ("fn_name", "call_site", "is_awaitable")}
+            store.put(key, hit.value, legacy="reference-dir", created=hit.meta.get("created"), **fields)
+            got = store.get_meta(key)
+            if got is None or "crc32" not in got:
+                report.failed.append((key, "not found in the new format after writing it"))
+                continue
+            try:
+                again = store.lookup(key)
+            except CheckpointError as e:
+                report.failed.append((key, str(e)))
+                continue
+            if again is None or any(again.meta.get(k) != v for k, v in fields.items()):
+                report.failed.append((key, "the rewritten entry does not match the original"))
+                continue
+            report.migrated += 1
+    return report
+
+
+# -- formatting helpers shared by the CLI and scripts ---------------------------------
+def format_size(n: object) -> str:
+    """Bytes as a short human string: ``format_size(1536) == '1.5 KiB'``."""
+    if not isinstance(n, (int, float)):
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover
+
+
+def format_duration(seconds: object) -> str:
+    """Seconds as a short human string: ``format_duration(75) == '1m15s'``."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.2f}s" if s < 10 else f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
