@@ -72,17 +72,30 @@ def mixed(ckpt: Checkpointer, tag: str, count: int) -> None:
     print("done", flush=True)
 
 
+def slow_step(runs_dir: str, seconds: float) -> str:
+    """Record that the step ran (one file per run), then take a while."""
+    os.makedirs(runs_dir, exist_ok=True)
+    with open(os.path.join(runs_dir, f"{os.getpid()}-{time.monotonic_ns()}"), "w") as f:
+        f.write("ran")
+    print("running", flush=True)
+    time.sleep(seconds)
+    return f"result of {os.getpid()}"
+
+
 def main() -> None:
     role, kind, location = sys.argv[1:4]
     options = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     args = sys.argv[5:]
-    ckpt = Checkpointer(store=open_store(kind, location, options))
+    lease = float(os.environ.get("AI2_KIT_TEST_LEASE", "60"))
+    ckpt = Checkpointer(store=open_store(kind, location, options), dedup=True, lease=lease)
     if role == "writer":
         writer(ckpt, args[0], int(args[1]), int(args[2]))
     elif role == "overwriter":
         overwriter(ckpt, args[0], int(args[1]))
     elif role == "mixed":
         mixed(ckpt, args[0], int(args[1]))
+    elif role == "dedup":
+        print("value", ckpt("slow/step")(slow_step)(args[0], float(args[1])), flush=True)
     elif role == "sleep-after-start":
         print("ready", flush=True)
         time.sleep(60)

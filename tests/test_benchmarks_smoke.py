@@ -91,7 +91,8 @@ def test_big_array_round_trips(results: dict, contender: str) -> None:
 def test_docs_render_from_results(results: dict, tmp_path) -> None:
     report = _load_report()
     text = report.render(results)
-    for heading in ("## Targets", "## W1 save", "## W2 resume", "## W3 list", "## W4 big value", "## W5 growth"):
+    headings = ("## Targets", "## W1 save", "## W2 resume", "## W3 list", "## W4 big value", "## W5 growth")
+    for heading in headings:
         assert heading in text
     written = report.write_docs(results, str(tmp_path))
     assert os.path.join(str(tmp_path), "performance.md") in written

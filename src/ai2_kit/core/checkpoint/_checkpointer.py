@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import os
+import secrets
+import socket
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, TypeVar, Union
 
@@ -18,7 +23,7 @@ if TYPE_CHECKING:
 
     P = ParamSpec("P")
 
-__all__ = ["FnInfo", "KeyFn", "Checkpointer", "make_wrapper"]
+__all__ = ["FnInfo", "KeyFn", "Checkpointer", "Lease", "make_wrapper"]
 
 logger = logging.getLogger("ai2_kit.checkpoint")
 R = TypeVar("R")
@@ -68,6 +73,14 @@ class Checkpointer:
             does not exist yet.
         strict: raise ``SaveError`` when a result cannot be saved, instead of
             logging a warning and going on.
+        dedup: while one live caller computes a key, other callers of the
+            same key (threads, tasks, processes, hosts sharing the store) wait
+            for its result instead of running the step again. The claim is a
+            lease of ``lease`` seconds, renewed by a heartbeat; if its owner
+            dies, the lease runs out and one waiting caller takes over. Costs
+            one small write per miss; off by default except on PostgreSQL.
+        lease: seconds a claim lasts without a heartbeat (the longest a rerun
+            after a crash can wait for a dead owner's claim).
     """
 
     def __init__(
@@ -78,11 +91,17 @@ class Checkpointer:
         prefer: str = "file",
         strict: bool = False,
         readonly: bool = False,
+        dedup: bool | None = None,
+        lease: float = 60.0,
     ) -> None:
         if (location is None) == (store is None):
             raise TypeError("Checkpointer needs exactly one of location or store")
+        if not lease > 0:
+            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
         self.store: Store = store if store is not None else open_store(location, prefer=prefer, readonly=readonly)
         self.strict = strict
+        self.dedup = (self.store.kind == "postgres") if dedup is None else bool(dedup)
+        self.lease = float(lease)
 
     @property
     def location(self) -> str:
@@ -146,6 +165,81 @@ class Checkpointer:
             return False
 
 
+    # -- same-key dedup -----------------------------------------------------------
+    def _new_owner(self) -> str:
+        return f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+
+    def claim(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
+        """Wait until ``key`` is ours to compute (a Lease) or someone saved it (a hit)."""
+        owner, delay, waited = self._new_owner(), _POLL_MIN, False
+        while True:
+            if self.store.try_claim(key, owner, self.lease):
+                return Lease(self, key, owner), (False, None, {})
+            if not waited:
+                waited = True
+                logger.info("Waiting for checkpoint %s: another live caller is computing it", key)
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX)
+            hit = self.lookup(key)
+            if hit[0]:
+                return None, hit
+
+    async def claim_async(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
+        """``claim`` for coroutines: waits with ``asyncio.sleep``."""
+        owner, delay, waited = self._new_owner(), _POLL_MIN, False
+        while True:
+            if self.store.try_claim(key, owner, self.lease):
+                return Lease(self, key, owner), (False, None, {})
+            if not waited:
+                waited = True
+                logger.info("Waiting for checkpoint %s: another live caller is computing it", key)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX)
+            hit = self.lookup(key)
+            if hit[0]:
+                return None, hit
+
+
+_HOST = socket.gethostname()
+_POLL_MIN = 0.02
+_POLL_MAX = 1.0
+
+
+class Lease:
+    """A claim on a key, kept alive by a heartbeat thread until released."""
+
+    def __init__(self, ckpt: Checkpointer, key: str, owner: str) -> None:
+        self.ckpt, self.key, self.owner = ckpt, key, owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"ai2-kit-lease:{key}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        ttl = self.ckpt.lease
+        while not self._stop.wait(ttl / 3):
+            try:
+                if not self.ckpt.store.renew_claim(self.key, self.owner, ttl):
+                    logger.warning("Lost the claim on checkpoint %s (this process was stalled longer "
+                                   "than the %.0f s lease); another caller may compute it too", self.key, ttl)
+                    return
+            except Exception as e:  # the step goes on; the claim just may expire
+                logger.warning("Could not renew the claim on checkpoint %s: %s", self.key, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.ckpt.store.release_claim(self.key, self.owner)
+        except Exception as e:  # an unreleased claim expires on its own
+            logger.warning("Could not release the claim on checkpoint %s: %s (it expires in %.0f s)",
+                           self.key, e, self.ckpt.lease)
+
+
+def _release(lease: Lease | None) -> None:
+    if lease is not None:
+        lease.release()
+
+
 def _resolve_key(key: Key, fn: Callable[..., Any], args: tuple, kwargs: dict, site: str) -> str:
     if isinstance(key, str):
         return validate_key(key)
@@ -182,14 +276,27 @@ def make_wrapper(
         found, value, _ = ckpt.lookup(k)
         if found:
             return value
-        started = time.perf_counter()
-        value = await fn(*args, **kwargs)
-        ckpt.save(k, value, **fields(site, started, True))
+        lease = None
+        if ckpt.dedup:
+            lease, (found, value, _) = await ckpt.claim_async(k)
+            if found:
+                return value
+        try:
+            started = time.perf_counter()
+            value = await fn(*args, **kwargs)
+            ckpt.save(k, value, **fields(site, started, True))
+        finally:
+            _release(lease)
         return value
 
-    async def finish(ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any]) -> Any:
-        value = await pending
-        ckpt.save(k, value, **fields(site, started, True))
+    async def finish(
+        ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any], lease: Lease | None
+    ) -> Any:
+        try:
+            value = await pending
+            ckpt.save(k, value, **fields(site, started, True))
+        finally:
+            _release(lease)
         return value
 
     @functools.wraps(fn)
@@ -202,15 +309,22 @@ def make_wrapper(
         if is_coro_fn:
             return run_async(ckpt, k, site, args, kwargs)
         found, value, meta = ckpt.lookup(k)
+        lease = None
+        if not found and ckpt.dedup:
+            lease, (found, value, meta) = ckpt.claim(k)
         if found:
             return _ready(value) if meta.get("is_awaitable") else value
-        started = time.perf_counter()
-        ret = fn(*args, **kwargs)
-        if inspect.isawaitable(ret):
-            # A plain function that returned an awaitable: like the reference,
-            # save what it resolves to, and hand back an awaitable on hits.
-            return finish(ckpt, k, site, started, ret)
-        ckpt.save(k, ret, **fields(site, started, False))
+        try:
+            started = time.perf_counter()
+            ret = fn(*args, **kwargs)
+            if inspect.isawaitable(ret):
+                # A plain function that returned an awaitable: like the reference,
+                # save what it resolves to, and hand back an awaitable on hits.
+                pending, lease = finish(ckpt, k, site, started, ret, lease), None
+                return pending
+            ckpt.save(k, ret, **fields(site, started, False))
+        finally:
+            _release(lease)
         return ret
 
     if is_coro_fn:

@@ -712,7 +712,7 @@ def _verbose_line(meta: dict[str, Any]) -> str:
     if meta.get("legacy") == "reference-dir" and "crc32" not in meta:
         fn, site = "-", "(reference 2024 file)"
     return (f"{_when(meta.get('created')):<19}  {_ops.format_duration(meta.get('duration')):>8}  "
-            f"{_ops.format_size(meta.get('size')):>9}  {key}  {fn}  {site}")
+            f"{_ops.format_size(meta.get('size')).replace(' ', ''):>9}  {key}  {fn}  {site}")
 
 
 def _size_long(n: object) -> str:

@@ -66,11 +66,25 @@ class Store(ABC):
     ``_close()``
         Release connections and files.
 
+    Engines that can coordinate callers of one key across processes (and
+    hosts) also implement leases, and set ``supports_claims = True``:
+
+    ``_try_claim(key, owner, ttl) -> bool``
+        Atomically take the claim on ``key`` when nobody holds it, when the
+        holder's lease has expired, or when ``owner`` holds it already;
+        the lease then ends ``ttl`` seconds from now. True when ``owner``
+        holds it afterwards.
+    ``_renew_claim(key, owner, ttl) -> bool``
+        Extend ``owner``'s lease; False when someone else holds it now.
+    ``_release_claim(key, owner)``
+        Drop the claim if ``owner`` holds it.
+
     ``location`` names the store in messages; ``kind`` is a short word
     (``sqlite``, ``directory``, ``legacy-file``, ``postgres``).
     """
 
     kind: str = "abstract"
+    supports_claims: bool = False
 
     def __init__(self, location: str, *, readonly: bool = False, readonly_reason: str = "") -> None:
         self.location = location
@@ -96,6 +110,15 @@ class Store(ABC):
 
     def _close(self) -> None:
         """Release resources; the default has nothing to release."""
+
+    def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def _renew_claim(self, key: str, owner: str, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def _release_claim(self, key: str, owner: str) -> None:
+        raise NotImplementedError
 
     # -- public API ---------------------------------------------------------
     def lookup(self, key: str) -> Hit | None:
@@ -184,6 +207,26 @@ class Store(ABC):
     def _delete_many(self, keys: list[str]) -> int:
         """Engines with transactions override this to remove in one go."""
         return sum(1 for k in keys if self._delete(k))
+
+    # -- leases: one live caller computes a key, the others wait for it -------
+    def try_claim(self, key: str, owner: str, ttl: float) -> bool:
+        """Take the lease on ``key`` for ``owner``; True when it is ours to compute.
+
+        Stores without leases, and read-only stores, always answer True:
+        every caller computes, as without dedup.
+        """
+        if not self.supports_claims or self.readonly:
+            return True
+        return self._try_claim(validate_key(key), owner, ttl)
+
+    def renew_claim(self, key: str, owner: str, ttl: float) -> bool:
+        if not self.supports_claims or self.readonly:
+            return True
+        return self._renew_claim(key, owner, ttl)
+
+    def release_claim(self, key: str, owner: str) -> None:
+        if self.supports_claims and not self.readonly:
+            self._release_claim(key, owner)
 
     def keys(self, pattern: str | None = None) -> list[str]:
         return [m["key"] for m in self.iter_meta(pattern)]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import struct
+import time
 from typing import Any, Iterator
 
 import cloudpickle
@@ -20,6 +22,7 @@ __all__ = ["DirectoryStore", "ENTRY_MAGIC", "MARKER", "legacy_meta", "is_pickle_
 ENTRY_MAGIC = b"A2KE"
 SUFFIX = ".ckpt"
 MARKER = ".ai2-kit-checkpoint"
+CLAIMS = ".claims"
 _U32 = struct.Struct("<I")
 _MAX_NAME = 250  # bytes; most file systems allow 255 per name
 
@@ -75,6 +78,7 @@ class DirectoryStore(Store):
     """
 
     kind = "directory"
+    supports_claims = True
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True) -> None:
         path = os.path.abspath(os.fspath(path))
@@ -264,6 +268,66 @@ class DirectoryStore(Store):
             except OSError:
                 return
             folder = os.path.dirname(folder)
+
+    # -- leases: one claim file per key, created with link() ---------------------
+    # link() creates the name only if it is free, with the whole content in
+    # place, on local and NFS file systems alike; rename() replaces an expired
+    # or own claim. Two callers taking over the same expired claim in the same
+    # instant both rename; each reads the file back and only the one whose
+    # claim stayed proceeds.
+    def _claim_path(self, key: str) -> str:
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:40]
+        return os.path.join(self.root, CLAIMS, digest + ".claim")
+
+    def _read_claim(self, path: str) -> dict[str, Any] | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _write_claim_tmp(self, path: str, key: str, owner: str, ttl: float) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = temp_name(path)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "owner": owner, "expires": time.time() + ttl}, f)
+        return tmp
+
+    def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
+        path = self._claim_path(key)
+        tmp = self._write_claim_tmp(path, key, owner, ttl)
+        try:
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                pass
+            held = self._read_claim(path)
+            if held is not None and held.get("owner") != owner and held.get("expires", 0) > time.time():
+                return False
+            os.replace(tmp, path)  # expired, unreadable, or ours: take it
+            time.sleep(0.02)
+            held = self._read_claim(path)
+            return held is not None and held.get("owner") == owner
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _renew_claim(self, key: str, owner: str, ttl: float) -> bool:
+        path = self._claim_path(key)
+        held = self._read_claim(path)
+        if held is None or held.get("owner") != owner:
+            return False
+        os.replace(self._write_claim_tmp(path, key, owner, ttl), path)
+        return True
+
+    def _release_claim(self, key: str, owner: str) -> None:
+        path = self._claim_path(key)
+        held = self._read_claim(path)
+        if held is not None and held.get("owner") == owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # -- listing ----------------------------------------------------------------
     def _scan(self, prefix: str) -> list[tuple[str, str, bool]]:

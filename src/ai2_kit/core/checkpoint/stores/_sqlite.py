@@ -8,6 +8,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from typing import Any, Iterator
 
 from .._codec import Encoded, decode_bytes, meta_from_json, meta_to_json, read_frame
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_created ON entries (created);
 CREATE TABLE IF NOT EXISTS store_info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL);
 """
 
 
@@ -64,6 +66,7 @@ class SQLiteStore(Store):
     """
 
     kind = "sqlite"
+    supports_claims = True
 
     def __init__(
         self, path: str, *, readonly: bool = False, create: bool = True, journal: str | None = None
@@ -318,6 +321,42 @@ class SQLiteStore(Store):
                 yield meta_from_json(text)
         finally:
             conn.close()
+
+    # -- leases (one host: the local clock is the only clock) -----------------
+    def _claim_txn(self, sql: str, params: tuple[Any, ...]) -> int:
+        conn = self._conn()
+        # A lease need not survive a power cut (at worst a step runs twice),
+        # so its commit skips the fsync that entries pay for.
+        conn.execute("PRAGMA synchronous=OFF")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                n = conn.execute(sql, params).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+        return int(n)
+
+    def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
+        now = time.time()
+        return self._claim_txn(
+            "INSERT INTO claims (key, owner, expires) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
+            "WHERE claims.expires < ? OR claims.owner = excluded.owner",
+            (key, owner, now + ttl, now),
+        ) == 1
+
+    def _renew_claim(self, key: str, owner: str, ttl: float) -> bool:
+        return self._claim_txn(
+            "UPDATE claims SET expires = ? WHERE key = ? AND owner = ?", (time.time() + ttl, key, owner)
+        ) == 1
+
+    def _release_claim(self, key: str, owner: str) -> None:
+        self._claim_txn("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
     def __len__(self) -> int:
         return int(self._conn().execute("SELECT count(*) FROM entries").fetchone()[0])
