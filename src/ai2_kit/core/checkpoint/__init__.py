@@ -27,6 +27,7 @@ from ._errors import (
     NotACheckpointStoreError,
     ReadOnlyStoreError,
     SaveError,
+    SignatureMismatchError,
     StoreOpenError,
 )
 from .stores import DirectoryStore, SQLiteStore, Store, open_store
@@ -58,6 +59,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "CorruptEntryError",
     "SaveError",
+    "SignatureMismatchError",
 ]
 
 logger = logging.getLogger("ai2_kit.checkpoint")

@@ -81,6 +81,9 @@ class Checkpointer:
             one small write per miss; off by default except on PostgreSQL.
         lease: seconds a claim lasts without a heartbeat (the longest a rerun
             after a crash can wait for a dead owner's claim).
+        signing_key: sign every entry with an HMAC under this secret and
+            refuse, before unpickling, entries whose MAC is missing or wrong
+            (default: the ``AI2_KIT_CHECKPOINT_KEY`` environment variable).
     """
 
     def __init__(
@@ -93,12 +96,17 @@ class Checkpointer:
         readonly: bool = False,
         dedup: bool | None = None,
         lease: float = 60.0,
+        signing_key: bytes | str | None = None,
     ) -> None:
         if (location is None) == (store is None):
             raise TypeError("Checkpointer needs exactly one of location or store")
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
-        self.store: Store = store if store is not None else open_store(location, prefer=prefer, readonly=readonly)
+        if store is None:
+            store = open_store(location, prefer=prefer, readonly=readonly, signing_key=signing_key)
+        elif signing_key is not None:
+            store.set_signing_key(signing_key)
+        self.store: Store = store
         self.strict = strict
         self.dedup = (self.store.kind == "postgres") if dedup is None else bool(dedup)
         self.lease = float(lease)

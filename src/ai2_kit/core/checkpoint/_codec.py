@@ -13,6 +13,8 @@ anything is unpickled, so a flipped byte is reported, never returned.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import pickle
 import struct
@@ -29,6 +31,9 @@ __all__ = [
     "meta_to_json",
     "meta_from_json",
     "FRAME_MAGIC",
+    "Signer",
+    "Verifier",
+    "SignatureError",
 ]
 
 FRAME_MAGIC = b"A2KF"
@@ -106,14 +111,16 @@ def _check(crc: int, expected: str | None) -> None:
         raise ValueError(f"checksum mismatch (stored {expected}, computed {crc:08x})")
 
 
-def decode_bytes(frame: bytes | memoryview, expected_crc: str | None) -> Any:
-    """Check and unpickle a frame held in memory."""
+def decode_bytes(frame: bytes | memoryview, expected_crc: str | None, verifier: Verifier | None = None) -> Any:
+    """Check (checksum, and MAC when a verifier is given) and unpickle a frame held in memory."""
     view = memoryview(frame)
     if view.nbytes < 8:
         raise ValueError("frame too short")
     (n,) = _U32.unpack_from(view, 4)
     lengths = _parse_header(bytes(view[: 8 + 8 * n]), "memory")
     pos = 8 + 8 * n
+    if verifier is not None:
+        verifier.update(view[:pos])
     if pos + sum(lengths) != view.nbytes:
         raise ValueError(f"frame length {view.nbytes} does not match its header")
     parts = []
@@ -121,20 +128,27 @@ def decode_bytes(frame: bytes | memoryview, expected_crc: str | None) -> Any:
     for length in lengths:
         part = view[pos : pos + length]
         crc = _crc_update(crc, part)
+        if verifier is not None:
+            verifier.update(part)
         parts.append(part)
         pos += length
     _check(crc, expected_crc)
+    if verifier is not None:
+        verifier.check()
     # Out-of-band buffers get their own writable memory, as the original had.
     return pickle.loads(parts[0], buffers=[bytearray(p) for p in parts[1:]])
 
 
-def read_frame(f: BinaryIO, expected_crc: str | None, source: str) -> Any:
-    """Check and unpickle a frame read from a file positioned at its start."""
+def read_frame(f: BinaryIO, expected_crc: str | None, source: str, verifier: Verifier | None = None) -> Any:
+    """Check (checksum, and MAC when a verifier is given) and unpickle a frame read from a file."""
     head = _read_exact(f, 8, source)
     (n,) = _U32.unpack_from(head, 4)
     if n > 1 << 20:
         raise ValueError(f"implausible part count {n} in {source}")
-    lengths = _parse_header(head + _read_exact(f, 8 * n, source), source)
+    header = head + _read_exact(f, 8 * n, source)
+    lengths = _parse_header(header, source)
+    if verifier is not None:
+        verifier.update(header)
     parts: list[bytearray] = []
     crc = 0
     for length in lengths:
@@ -149,10 +163,14 @@ def read_frame(f: BinaryIO, expected_crc: str | None, source: str) -> Any:
                     raise ValueError(f"{source} is truncated")
                 got += more
             crc = zlib.crc32(chunk, crc)
+            if verifier is not None:
+                verifier.update(chunk)
         parts.append(buf)
     if f.read(1):
         raise ValueError(f"{source} has trailing bytes after its frame")
     _check(crc, expected_crc)
+    if verifier is not None:
+        verifier.check()
     return pickle.loads(parts[0], buffers=parts[1:])
 
 
@@ -173,3 +191,53 @@ def meta_from_json(text: str | bytes) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a JSON object")
     return meta
+
+
+# -- signing: HMAC-SHA256 over the metadata record and the frame -----------
+
+
+class Verifier:
+    """Accumulates an entry's bytes and checks its MAC before anything is unpickled."""
+
+    def __init__(self, secret: bytes, meta: dict[str, Any]) -> None:
+        self._mac = _mac_start(secret, meta)
+        self._expected = meta.get("mac")
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._mac.update(data)
+
+    def check(self) -> None:
+        if not isinstance(self._expected, str):
+            raise SignatureError("the entry is not signed, and a signing key is in use")
+        if not hmac.compare_digest(self._mac.hexdigest(), self._expected):
+            raise SignatureError("its signature (HMAC) does not match: it was altered or signed with another key")
+
+
+class SignatureError(ValueError):
+    """Raised inside the codec; the store reports it as a damaged entry."""
+
+
+def _mac_start(secret: bytes, meta: dict[str, Any]) -> Any:
+    mac = hmac.new(secret, digestmod=hashlib.sha256)
+    body = {k: v for k, v in meta.items() if k != "mac"}
+    mac.update(meta_to_json(body).encode("utf-8"))
+    return mac
+
+
+class Signer:
+    """Signs entries with a secret key, and makes verifiers for reading them."""
+
+    def __init__(self, secret: bytes) -> None:
+        if not secret:
+            raise ValueError("a signing key must not be empty")
+        self._secret = secret
+
+    def sign(self, meta: dict[str, Any], encoded: Encoded) -> str:
+        mac = _mac_start(self._secret, meta)
+        mac.update(encoded.header)
+        for part in encoded.parts:
+            mac.update(part)
+        return str(mac.hexdigest())
+
+    def verifier(self, meta: dict[str, Any]) -> Verifier:
+        return Verifier(self._secret, meta)

@@ -11,6 +11,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "CorruptEntryError",
     "SaveError",
+    "SignatureMismatchError",
 ]
 
 
@@ -91,6 +92,10 @@ class CorruptEntryError(CheckpointError):
             f"Remove it (ai2-kit tool checkpoint load {location} - rm {key!r}) "
             "so the step runs again, or run 'verify' to salvage the rest."
         )
+
+
+class SignatureMismatchError(CorruptEntryError):
+    """A signing key is in use and the entry's MAC is missing or wrong; never unpickled."""
 
 
 class SaveError(CheckpointError):

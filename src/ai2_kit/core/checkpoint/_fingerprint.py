@@ -214,7 +214,10 @@ def _enc_complex(w: _Walker, x: complex) -> None:
 
 def _enc_str(w: _Walker, x: str) -> None:
     data = x.encode("utf-8", "surrogatepass")
-    _put_buffer(w, b"s", memoryview(data))
+    if len(data) <= _INLINE_BUFFER:
+        w.buf += b"s" + _pack_Q(len(data)) + data
+    else:
+        _put_buffer(w, b"s", memoryview(data))
 
 
 def _enc_bytes(w: _Walker, x: bytes) -> None:
@@ -244,19 +247,27 @@ def _enc_seq(tag: bytes) -> Callable[[_Walker, Any], None]:
     return enc
 
 
-def _all_of(items: List[Any], t: type) -> bool:
-    return all(type(k) is t for k in items)
+def _sortable(items: List[Any]) -> bool:
+    # All str or all int (exact types: True and 1 must not meet in a sort).
+    # set(map(type)) runs in C: the common small dict costs ~0.1 us here.
+    kinds = set(map(type, items))
+    return len(kinds) <= 1 and (not kinds or str in kinds or int in kinds)
 
 
 def _enc_dict_items(w: _Walker, x: Any) -> None:
     keys = list(x)
-    if _all_of(keys, str) or _all_of(keys, int):
+    if _sortable(keys):
         keys.sort()
         w.buf += b"D" + _pack_Q(len(keys))
         walk = w.walk
         for k in keys:
             walk(k)
-            walk(x[k])
+            v = x[k]
+            enc = _EXACT.get(type(v))
+            if enc is not None:
+                enc(w, v)
+            else:
+                walk(v)
     else:
         # Mixed or unorderable keys: order by the items' own digests.
         digests = sorted(w.sub_digest((k, v)) for k, v in x.items())
@@ -279,7 +290,7 @@ def _enc_set(tag: bytes) -> Callable[[_Walker, Any], None]:
             _backref(w, back)
             return
         items = list(x)
-        if _all_of(items, str) or _all_of(items, int):
+        if _sortable(items):
             items.sort()
             w.buf += tag + _pack_Q(len(items))
             walk = w.walk
@@ -570,8 +581,10 @@ def fingerprint_value(x: Any) -> str:
             stable fingerprint, e.g. a lock or an open file.
     """
     r = _inline(x)
-    if r is not None:
-        return r
+    return _digest_hex(x) if r is None else r
+
+
+def _digest_hex(x: Any) -> str:
     w = _Walker()
     try:
         w.walk(x)
@@ -784,7 +797,7 @@ def fingerprint_inputs(
             digests[name] = r
             continue
         try:
-            digests[name] = fingerprint_value(value)
+            digests[name] = _digest_hex(value)
         except UnfingerprintableError as e:
             unhashable[name] = f"{e.type_name}: {e.reason}"
         except Exception as e:
@@ -862,12 +875,23 @@ def _closure_part(w: _Walker, v: Any, seen: set) -> None:
     if isinstance(v, (types.FunctionType, types.MethodType, functools.partial)):
         d = _callable_digest(v, seen)
         w.buf += b"P" + (d if d is not None else b"-")
-    elif isinstance(v, (*_SCALARS, type, types.ModuleType, enum.Enum)) or (
-        isinstance(v, (tuple, frozenset)) and all(isinstance(i, _SCALARS) for i in v)
-    ):
+    elif isinstance(v, (type, types.ModuleType, enum.Enum)) or _is_constant(v):
         w.walk(v)
     else:
         w.buf += b"o" + _str_bytes(_type_name(type(v)))
+
+
+def _is_constant(v: Any) -> bool:
+    return isinstance(v, _SCALARS) or (
+        isinstance(v, (tuple, frozenset)) and all(isinstance(i, _SCALARS) for i in v)
+    )
+
+
+# Functions whose defaults are constants (the usual case) keep their digest
+# while ``__defaults__`` is the same tuple and ``__kwdefaults__`` holds the
+# same objects: a default that is a mutable list is walked at every call, as
+# mutating it changes what the function does.
+_DEFAULTS_DIGESTS: Dict[types.CodeType, Tuple[Any, Tuple[Any, ...], bytes]] = {}
 
 
 def _function_digest(fn: types.FunctionType, seen: set) -> bytes:
@@ -876,6 +900,15 @@ def _function_digest(fn: types.FunctionType, seen: set) -> bytes:
     wrapped = fn.__dict__.get("__wrapped__")
     if not (defaults or kwdefaults or closure or wrapped is not None):
         return code_d
+    cacheable = closure is None and wrapped is None
+    if cacheable:
+        kw_values = tuple(kwdefaults.items()) if kwdefaults else ()
+        hit = _DEFAULTS_DIGESTS.get(fn.__code__)
+        if (
+            hit is not None and hit[0] is defaults and len(hit[1]) == len(kw_values)
+            and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(hit[1], kw_values))
+        ):
+            return hit[2]
     if id(fn) in seen:  # a recursive nested function refers to itself
         return b"self"
     seen.add(id(fn))
@@ -883,13 +916,12 @@ def _function_digest(fn: types.FunctionType, seen: set) -> bytes:
         w = _Walker()
         w.buf += code_d
         try:
-            sub = _Walker()
-            sub.walk(defaults)
-            sub.walk(kwdefaults)
-            w.buf += sub.digest()
+            w.walk(defaults)
+            w.walk(kwdefaults)
         except Exception:
             # An unfingerprintable default counts by its type, the others by value.
-            w.buf += b"?"
+            w = _Walker()
+            w.buf += code_d + b"?"
             for d in (*(defaults or ()), *sorted((kwdefaults or {}).items())):
                 try:
                     w.buf += _Walker().sub_digest(d)
@@ -907,7 +939,12 @@ def _function_digest(fn: types.FunctionType, seen: set) -> bytes:
         if wrapped is not None:
             d = _callable_digest(wrapped, seen)
             w.buf += b"W" + (d if d is not None else b"-")
-        return w.digest()
+        digest = w.digest()
+        if cacheable and all(_is_constant(v) for v in (*(defaults or ()), *(kwdefaults or {}).values())):
+            if len(_DEFAULTS_DIGESTS) >= _CACHE_MAX:
+                _DEFAULTS_DIGESTS.clear()
+            _DEFAULTS_DIGESTS[fn.__code__] = (defaults, kw_values, digest)
+        return digest
     finally:
         seen.discard(id(fn))
 

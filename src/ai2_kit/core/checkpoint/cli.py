@@ -490,10 +490,16 @@ class CheckpointTool:
             store, self._store = self._store, None
             store.close()
 
-    def summary(self) -> str | None:
-        """What fire prints for the chain's result: a summary after a lone ``load``."""
-        if self._ran or self._location is None:
-            return None
+    def finish(self) -> None:
+        """After the chain: a lone ``load`` prints a summary of the store.
+
+        Called as fire's ``serialize`` and returns None, so fire prints
+        nothing itself (it would print to ``sys.stdout``, not to ``out``).
+        """
+        if not self._ran and self._location is not None:
+            self._emit(self._summary())
+
+    def _summary(self) -> str:
         store = self._open()
         # Opened read-only on purpose; mention only a reason of the store's own.
         own = store.readonly and store.readonly_reason != "opened read-only"
@@ -813,7 +819,7 @@ def run(
         # Fire's own messages go to a buffer: with the arguments checked
         # above it should have none, and if it does they become one line.
         with _library_logs_to(err), contextlib.redirect_stderr(fire_err):
-            fire.Fire(tool, command=p.fire_args, name=PROG, serialize=lambda _: tool.summary())
+            fire.Fire(tool, command=p.fire_args, name=PROG, serialize=lambda _: tool.finish())
     except FireExit as e:
         if e.code in (0, None):
             return EXIT_OK

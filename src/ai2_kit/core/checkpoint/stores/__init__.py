@@ -21,6 +21,7 @@ __all__ = [
     "migrate_legacy_file",
     "open_store",
     "is_postgres_url",
+    "SIGNING_KEY_ENV",
 ]
 
 
@@ -28,7 +29,18 @@ def is_postgres_url(location: object) -> bool:
     return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(location: Any, *, prefer: str = "file", readonly: bool = False, **options: Any) -> Store:
+#: Environment variable holding the signing key (see docs/security.md).
+SIGNING_KEY_ENV = "AI2_KIT_CHECKPOINT_KEY"
+
+
+def open_store(
+    location: Any,
+    *,
+    prefer: str = "file",
+    readonly: bool = False,
+    signing_key: bytes | str | None = None,
+    **options: Any,
+) -> Store:
     """Open the store that ``location`` names, choosing the engine from what is there.
 
     - a ``postgresql://`` URL: the PostgreSQL store (needs the ``postgres`` extra);
@@ -37,8 +49,20 @@ def open_store(location: Any, *, prefer: str = "file", readonly: bool = False, *
     - a path that does not exist yet: created as ``prefer`` says, ``"file"``
       (SQLite) or ``"dir"`` (directory).
 
+    ``signing_key`` (default: the ``AI2_KIT_CHECKPOINT_KEY`` environment
+    variable) signs new entries with an HMAC and refuses, before unpickling,
+    any entry whose MAC is missing or wrong.
+
     Raises StoreOpenError (or NotACheckpointStoreError) naming the location.
     """
+    secret = signing_key if signing_key is not None else os.environ.get(SIGNING_KEY_ENV)
+    store = _open(location, prefer, readonly, options, signed=bool(secret))
+    if secret:
+        store.set_signing_key(secret)
+    return store
+
+
+def _open(location: Any, prefer: str, readonly: bool, options: dict[str, Any], signed: bool) -> Store:
     if is_postgres_url(location):
         try:
             from ._postgres import PostgresStore
@@ -62,6 +86,15 @@ def open_store(location: Any, *, prefer: str = "file", readonly: bool = False, *
         if head.startswith(SQLITE_MAGIC):
             return SQLiteStore(path, readonly=readonly, **options)
         if is_pickle_head(head):
+            if signed:
+                # Reading this format means unpickling the whole file, which
+                # runs whatever it holds: exactly what a signing key is for.
+                raise StoreOpenError(
+                    path, "it is a reference pickle file, which carries no signatures, "
+                    "and a signing key is in use; it was not unpickled",
+                    f"If you trust the file, migrate it without the key ({SIGNING_KEY_ENV} unset), "
+                    "then re-sign it with 'ai2-kit tool checkpoint copy'",
+                )
             return LegacyFileStore(path, readonly=readonly)
         if not head:
             raise NotACheckpointStoreError(

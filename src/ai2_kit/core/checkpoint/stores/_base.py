@@ -7,10 +7,10 @@ import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
-from .._codec import Encoded, encode
-from .._errors import CorruptEntryError, ReadOnlyStoreError, SaveError
+from .._codec import Encoded, SignatureError, Signer, encode
+from .._errors import CorruptEntryError, ReadOnlyStoreError, SaveError, SignatureMismatchError
 from .._keys import key_matcher, prefix_of, validate_key
 
 __all__ = ["Store", "Hit", "FORMAT_VERSION", "library_version"]
@@ -39,7 +39,9 @@ class Hit(NamedTuple):
     value: Any
 
 
-Loader = Callable[[], Any]
+#: Reads and unpickles a value; given the store's Signer (or None), it must
+#: check the MAC before unpickling anything.
+Loader = Callable[[Optional[Signer]], Any]
 
 
 class Store(ABC):
@@ -51,8 +53,10 @@ class Store(ABC):
     hooks, each called with a key that is already valid:
 
     ``_get(key) -> (meta, loader) | None``
-        The metadata record and a function that returns the value (it may
-        raise; the caller reports it as a damaged entry).
+        The metadata record and a function ``loader(signer)`` that returns
+        the value (it may raise; the caller reports it as a damaged entry).
+        With a signer, the loader passes ``signer.verifier(meta)`` to the
+        codec, which checks the MAC before unpickling.
     ``_get_meta(key) -> meta | None``
         The metadata record alone, without reading or unpickling the value.
     ``_put(key, meta, encoded)``
@@ -91,6 +95,13 @@ class Store(ABC):
         self.readonly = readonly
         self.readonly_reason = readonly_reason or "opened read-only"
         self.closed = False
+        self.signer: Signer | None = None
+
+    def set_signing_key(self, secret: bytes | str | None) -> None:
+        """Sign every new entry, and refuse entries without a valid MAC, with ``secret``."""
+        if isinstance(secret, str):
+            secret = secret.encode("utf-8")
+        self.signer = Signer(secret) if secret else None
 
     # -- hooks ------------------------------------------------------------
     @abstractmethod
@@ -128,10 +139,17 @@ class Store(ABC):
         if got is None:
             return None
         meta, load = got
+        if self.signer is not None and meta.get("legacy"):
+            raise SignatureMismatchError(
+                self.location, key, "it is a reference-format entry, which carries no signature, "
+                "and a signing key is in use; it was not unpickled"
+            )
         try:
-            value = load()
+            value = load(self.signer)
         except CorruptEntryError:
             raise
+        except SignatureError as e:
+            raise SignatureMismatchError(self.location, key, f"{e}; it was not unpickled") from e
         except Exception as e:  # any failure to read or unpickle is damage
             raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
         return Hit(meta, value)
@@ -156,6 +174,8 @@ class Store(ABC):
         except Exception as e:
             raise SaveError(key, f"the value cannot be pickled ({type(e).__name__}: {e})") from e
         meta = self.make_meta(key, encoded, fields)
+        if self.signer is not None:
+            meta["mac"] = self.signer.sign(meta, encoded)
         self.put_encoded(key, meta, encoded)
         return meta
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import cloudpickle
 
-from .._codec import Encoded, meta_from_json, meta_to_json, read_frame
+from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame
 from .._errors import InvalidKeyError, NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 from ._fs import fsync_dir, temp_name
@@ -170,9 +170,9 @@ class DirectoryStore(Store):
             f.close()
             raise
 
-        def load() -> Any:
+        def load(signer: Signer | None) -> Any:
             with f:
-                return read_frame(f, meta.get("crc32"), path)
+                return read_frame(f, meta.get("crc32"), path, signer and signer.verifier(meta))
 
         return meta, load
 
@@ -183,7 +183,7 @@ class DirectoryStore(Store):
             return None
         meta = dict(base)
 
-        def load() -> Any:
+        def load(signer: Signer | None) -> Any:
             with open(path, "rb") as f:
                 record = cloudpickle.load(f)
             meta.update(legacy_meta(key, record, meta))

@@ -146,7 +146,7 @@ class LegacyFileStore(Store):
         if key not in self._data:
             return None
         record = self._data[key]
-        return self._meta(key, record), lambda: unwrap_legacy(key, record)
+        return self._meta(key, record), lambda signer: unwrap_legacy(key, record)
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         if self._sqlite is not None:

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .._codec import Encoded, decode_bytes, meta_from_json, meta_to_json, read_frame
+from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 
@@ -168,6 +168,7 @@ class PostgresStore(Store):
     """
 
     kind = "postgres"
+    supports_claims = True
 
     def __init__(
         self,
@@ -419,10 +420,10 @@ class PostgresStore(Store):
         text, value, nchunks = row
         meta = meta_from_json(text)
         if nchunks == 0:
-            return meta, lambda: decode_bytes(value, meta.get("crc32"))
-        return meta, lambda: self._load_chunked(key, text, meta)
+            return meta, lambda signer: decode_bytes(value, meta.get("crc32"), signer and signer.verifier(meta))
+        return meta, lambda signer: self._load_chunked(key, text, meta, signer)
 
-    def _load_chunked(self, key: str, text: str, meta: dict[str, Any]) -> Any:
+    def _load_chunked(self, key: str, text: str, meta: dict[str, Any], signer: Signer | None) -> Any:
         """Read a chunked frame within one snapshot, so all its chunks belong together.
 
         If the entry was overwritten since ``_get`` read its metadata, the
@@ -443,7 +444,7 @@ class PostgresStore(Store):
                 meta.clear()
                 meta.update(meta_from_json(row[0]))
             if row[2] == 0:
-                return decode_bytes(row[1], meta.get("crc32"))
+                return decode_bytes(row[1], meta.get("crc32"), signer and signer.verifier(meta))
             query = self._q("SELECT data FROM {s}.chunks WHERE key = %s AND seq = %s")
 
             def chunk(seq: int) -> bytes:
@@ -452,7 +453,7 @@ class PostgresStore(Store):
                     raise ValueError(f"chunk {seq} of {row[2]} is missing in {source}")
                 return cast(bytes, got[0])
 
-            return read_frame(cast(BinaryIO, _ChunkReader(chunk, row[2])), meta.get("crc32"), source)
+            return read_frame(cast(BinaryIO, _ChunkReader(chunk, row[2])), meta.get("crc32"), source, signer and signer.verifier(meta))
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         row = self._run(

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from .._codec import Encoded, decode_bytes, meta_from_json, meta_to_json, read_frame
+from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 from ._fs import fsync_dir, is_network_fs, temp_name
@@ -219,12 +219,12 @@ class SQLiteStore(Store):
         if blob is not None:
             path = self._blob_path(blob)
 
-            def load() -> Any:
+            def load(signer: Signer | None) -> Any:
                 with open(path, "rb", buffering=0) as f:
-                    return read_frame(f, crc, path)
+                    return read_frame(f, crc, path, signer and signer.verifier(meta))
 
             return meta, load
-        return meta, lambda: decode_bytes(value, crc)
+        return meta, lambda signer: decode_bytes(value, crc, signer and signer.verifier(meta))
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         row = self._conn().execute("SELECT meta FROM entries WHERE key=?", (key,)).fetchone()
