@@ -108,8 +108,18 @@ _ai2kit_pg_layout() {
 }
 
 _ai2kit_pg_running_port() {
-    # Line 4 of postmaster.pid is the port of a running server.
-    [ -n "$_AI2KIT_PG_BIN" ] || return 1
+    # Line 1 of postmaster.pid is the server's pid, line 4 its port.
+    local pid state
+    [ -n "$_AI2KIT_PG_BIN" ] && [ -f "$_AI2KIT_PG_DATA/postmaster.pid" ] || return 1
+    pid=$(head -n 1 "$_AI2KIT_PG_DATA/postmaster.pid" 2>/dev/null) || return 1
+    state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) || state=""
+    if [ "$state" = Z ] || [ "$state" = X ]; then
+        # A killed server that nobody reaped (PID 1 of a container may not):
+        # the server itself would take the zombie for a live owner of the lock
+        # file and refuse to start.
+        rm -f "$_AI2KIT_PG_DATA/postmaster.pid"
+        return 1
+    fi
     _ai2kit_pg_as "$_AI2KIT_PG_USER" "$_AI2KIT_PG_BIN/pg_ctl" status -D "$_AI2KIT_PG_DATA" >/dev/null 2>&1 || return 1
     sed -n 4p "$_AI2KIT_PG_DATA/postmaster.pid" 2>/dev/null
 }
@@ -157,6 +167,9 @@ _ai2kit_pg_start() {
         _ai2kit_pg_init || return 1
         # A port derived from the path (stable across runs), then the next free one.
         port=$((20000 + $(printf '%s' "$_AI2KIT_PG_ROOT" | cksum | cut -d' ' -f1) % 20000))
+        local logstart
+        logstart=1
+        [ ! -f "$_AI2KIT_PG_LOG" ] || logstart=$(($(wc -c <"$_AI2KIT_PG_LOG") + 1))
         while :; do
             while _ai2kit_pg_port_busy "$port"; do port=$((port + 1)); done
             if _ai2kit_pg_as "$_AI2KIT_PG_USER" "$_AI2KIT_PG_BIN/pg_ctl" start -D "$_AI2KIT_PG_DATA" \
@@ -164,8 +177,8 @@ _ai2kit_pg_start() {
                 break
             fi
             tries=$((tries + 1))
-            if [ "$tries" -ge 3 ] || ! grep -qi "address already in use" "$_AI2KIT_PG_LOG" 2>/dev/null; then
-                tail -n 30 "$_AI2KIT_PG_LOG" >&2 2>/dev/null || true
+            if [ "$tries" -ge 3 ] || ! tail -c +"$logstart" "$_AI2KIT_PG_LOG" 2>/dev/null | grep -qi "address already in use"; then
+                tail -c +"$logstart" "$_AI2KIT_PG_LOG" 2>/dev/null | tail -n 20 >&2 || true
                 _ai2kit_pg_die "the PostgreSQL server did not start (data $_AI2KIT_PG_DATA, log $_AI2KIT_PG_LOG)"
                 return 1
             fi
@@ -175,7 +188,7 @@ _ai2kit_pg_start() {
     tries=0
     until "$_AI2KIT_PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$port" -d postgres -U postgres; do
         tries=$((tries + 1))
-        if [ "$tries" -ge 120 ]; then
+        if [ "$tries" -ge 120 ] || ! _ai2kit_pg_running_port >/dev/null; then
             _ai2kit_pg_die "the PostgreSQL server on port $port does not accept connections (log $_AI2KIT_PG_LOG)"
             return 1
         fi

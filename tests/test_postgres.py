@@ -86,6 +86,12 @@ def _run_py(code: str, *args: str, timeout: float = 300) -> subprocess.Completed
     )
 
 
+def _value(store: Any, key: str) -> Any:
+    hit = store.lookup(key)
+    assert hit is not None, key
+    return hit.value
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -248,6 +254,23 @@ def test_damaged_chunk_is_reported_not_returned(pg: Any, pg_url: str, schema: st
     assert pg.get_meta("dmg/flip") is not None  # metadata stays readable
 
 
+def test_signed_entries_small_and_chunked(pg: Any, pg_url: str, schema: str) -> None:
+    from ai2_kit.core.checkpoint import SignatureMismatchError
+    from ai2_kit.core.checkpoint.stores._postgres import PostgresStore
+
+    pg.set_signing_key("team secret")
+    big = np.arange(2 * MB, dtype=np.int64)
+    assert "mac" in pg.put("s/big", big) and "mac" in pg.put("s/small", [1, 2])
+    np.testing.assert_array_equal(_value(pg, "s/big"), big)
+    assert _value(pg, "s/small") == [1, 2]
+    with PostgresStore(pg_url, schema=schema) as other:
+        other.set_signing_key("another secret")
+        with pytest.raises(SignatureMismatchError):
+            other.lookup("s/big")
+        with pytest.raises(SignatureMismatchError):
+            other.lookup("s/small")
+
+
 # -- opening, schema, versions, errors --------------------------------------------------------
 def test_url_selects_store_and_schema_parameter(pg_url: str, schema: str) -> None:
     sep = "&" if "?" in pg_url else "?"
@@ -319,7 +342,7 @@ def test_newer_format_opens_read_only(pg: Any, pg_url: str, schema: str,
     try:
         assert store.readonly and "99" in store.readonly_reason
         assert any("newer" in r.getMessage() for r in caplog.records)
-        assert store.lookup("old").value == "value"
+        assert _value(store, "old") == "value"
         with pytest.raises(ReadOnlyStoreError):
             store.put("new", 1)
         with pytest.raises(ReadOnlyStoreError):
@@ -335,7 +358,7 @@ def test_readonly_open(pg: Any, pg_url: str, schema: str) -> None:
         PostgresStore(pg_url, schema=schema + "_missing", readonly=True)
     pg.put("x", 1)
     with PostgresStore(pg_url, schema=schema, readonly=True) as ro:
-        assert ro.lookup("x").value == 1
+        assert _value(ro, "x") == 1
         with pytest.raises(ReadOnlyStoreError):
             ro.put("y", 2)
 
@@ -518,7 +541,7 @@ def test_user_with_table_rights_only(pg: Any, pg_url: str, schema: str) -> None:
     try:
         with PostgresStore(user_url, schema=schema) as store:
             store.put("team/1", np.arange(2 * MB))
-            assert store.lookup("team/1").value.size == 2 * MB
+            assert _value(store, "team/1").size == 2 * MB
             assert store._try_claim("team/1", "me", 5.0)
             assert store.delete("team/1")
         with pytest.raises(StoreOpenError, match="permission denied"):

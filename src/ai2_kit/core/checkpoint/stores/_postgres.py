@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame
+from .._codec import Encoded, Signer, Verifier, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 
@@ -63,6 +63,10 @@ _HINT_CONNECT = (
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _verifier(signer: Signer | None, meta: dict[str, Any]) -> Verifier | None:
+    return signer.verifier(meta) if signer is not None else None
 
 
 def _successor(prefix: str) -> str | None:
@@ -420,7 +424,7 @@ class PostgresStore(Store):
         text, value, nchunks = row
         meta = meta_from_json(text)
         if nchunks == 0:
-            return meta, lambda signer: decode_bytes(value, meta.get("crc32"), signer and signer.verifier(meta))
+            return meta, lambda signer: decode_bytes(value, meta.get("crc32"), _verifier(signer, meta))
         return meta, lambda signer: self._load_chunked(key, text, meta, signer)
 
     def _load_chunked(self, key: str, text: str, meta: dict[str, Any], signer: Signer | None) -> Any:
@@ -444,7 +448,7 @@ class PostgresStore(Store):
                 meta.clear()
                 meta.update(meta_from_json(row[0]))
             if row[2] == 0:
-                return decode_bytes(row[1], meta.get("crc32"), signer and signer.verifier(meta))
+                return decode_bytes(row[1], meta.get("crc32"), _verifier(signer, meta))
             query = self._q("SELECT data FROM {s}.chunks WHERE key = %s AND seq = %s")
 
             def chunk(seq: int) -> bytes:
@@ -453,7 +457,9 @@ class PostgresStore(Store):
                     raise ValueError(f"chunk {seq} of {row[2]} is missing in {source}")
                 return cast(bytes, got[0])
 
-            return read_frame(cast(BinaryIO, _ChunkReader(chunk, row[2])), meta.get("crc32"), source, signer and signer.verifier(meta))
+            reader = cast(BinaryIO, _ChunkReader(chunk, row[2]))
+            # The verifier is made from the record actually read (see above).
+            return read_frame(reader, meta.get("crc32"), source, _verifier(signer, meta))
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         row = self._run(
