@@ -12,7 +12,8 @@ Workloads:
   W3build  write 200 (or N) arrays of M MB, untimed set-up for W3
   W3     list the W3 store (keys and metadata), never needing the values
   W3cli  the same through ``ai2-kit tool checkpoint load F - ls``
-  W4save / W4load  one array of M MB saved, then loaded in another process
+  W4save / W4load / W4warm  one array of M MB saved, then loaded in another
+         process from a cold (files dropped from the page cache) or warm cache
   rss    nothing: the resident memory of the interpreter with the imports
 """
 
@@ -65,8 +66,25 @@ def key_of(i: int) -> str:
 # -- measuring ----------------------------------------------------------------
 
 
-def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image, in MiB.
+
+    VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec(), so a worker
+    started (by vfork+exec) from a parent that holds 100 MB of results
+    reports the parent's 100 MB as its own peak. VmHWM starts afresh at exec.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return ru_maxrss_mb()
+
+
+def ru_maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def bytes_read() -> int:
@@ -79,6 +97,20 @@ def bytes_read() -> int:
     except OSError:
         pass
     return -1
+
+
+def fsync_probe(root: str, count: int = 20) -> float:
+    """Median microseconds of a 1 KB write + fsync here: how busy the disk is right now."""
+    path = os.path.join(root, ".fsync-probe")
+    times = []
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            f.write(b"x" * 1024)
+            os.fsync(f.fileno())
+            times.append(time.perf_counter() - t0)
+    os.unlink(path)
+    return statistics.median(times) * 1e6
 
 
 def blocks(times: list[float], size: int) -> list[list[float]]:
@@ -402,20 +434,34 @@ def w3_ls(c: Contender, n: int) -> dict[str, Any]:
     return {"listed": len(keys), "ls_ms": elapsed * 1e3, "read_bytes": bytes_read() - read0}
 
 
-def w3_cli(root: str, n: int) -> dict[str, Any]:
-    import shutil
+# The console script's entry point run in a fresh interpreter that reports
+# its own peak memory on exit (RUSAGE_CHILDREN would include this worker's).
+_CLI = """
+import sys
+from ai2_kit.main import main
+try:
+    rc = main(sys.argv[1:])
+finally:
+    with open("/proc/self/status") as f:
+        hwm = [ln.split()[1] for ln in f if ln.startswith("VmHWM:")][0]
+    sys.stderr.write("VMHWM_KB " + hwm + "\\n")
+sys.exit(rc)
+"""
 
-    exe = shutil.which("ai2-kit") or os.path.join(os.path.dirname(sys.executable), "ai2-kit")
+
+def w3_cli(root: str, n: int) -> dict[str, Any]:
     path = os.path.join(root, Ours.name)
     t0 = time.perf_counter()
-    proc = subprocess.run([exe, "tool", "checkpoint", "load", path, "-", "ls"],
+    proc = subprocess.run([sys.executable, "-c", _CLI, "tool", "checkpoint", "load", path, "-", "ls"],
                           capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if key_of(0)[:5] in ln]
+    hwm = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("VMHWM_KB ")]
     out = {"returncode": proc.returncode, "ls_ms": elapsed * 1e3, "listed": len(lines),
-           "child_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+           "child_peak_rss_mb": int(hwm[0]) / 1024.0 if hwm else None}
     if proc.returncode != 0:
-        out["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+        errs = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("VMHWM_KB ")]
+        out["error"] = (errs or ["?"])[-1][:300]
     return out
 
 
@@ -460,9 +506,32 @@ def w4_save(contender: str, root: str, mb: float) -> dict[str, Any]:
     return {"save_s": elapsed, "array_mb": BIG.nbytes / 2**20, "rss_with_array_mb": rss_with_array}
 
 
-def w4_load(contender: str, root: str, mb: float) -> dict[str, Any]:
+def set_cache(root: str, warm: bool) -> None:
+    """Put every file of the store in the page cache (warm) or out of it (cold).
+
+    Without this, whether a 512 MB file is still cached depends on whether
+    its writer fsync'd it (clean pages are evicted first under memory
+    pressure), which made np.load look 6x faster than itself.
+    """
+    os.sync()
+    buf = bytearray(1 << 20)
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                if warm:
+                    while os.readv(fd, [buf]):
+                        pass
+                else:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def w4_load(contender: str, root: str, mb: float, warm: bool) -> dict[str, Any]:
     import numpy as np
 
+    set_cache(root, warm)
     t0 = time.perf_counter()
     if contender in ("np_save", "np_save_fsync"):
         value = np.load(os.path.join(root, "big.npy"))
@@ -472,7 +541,8 @@ def w4_load(contender: str, root: str, mb: float) -> dict[str, Any]:
         c.close()
     elapsed = time.perf_counter() - t0
     peak = peak_rss_mb()
-    return {"load_s": elapsed, "peak_rss_mb": peak, "equal": big_equal(value, mb), "reran": RUNS[0]}
+    return {"load_s": elapsed, "peak_rss_mb": peak, "equal": big_equal(value, mb), "reran": RUNS[0],
+            "cache": "warm" if warm else "cold"}
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -492,7 +562,10 @@ def main(argv: list[str]) -> dict[str, Any]:
         import numpy  # noqa: F401
     if wl != "W3cli":
         import_for(a.contender)
-    base = {"contender": a.contender, "workload": wl, "n": a.n, "baseline_rss_mb": peak_rss_mb()}
+    base = {"contender": a.contender, "workload": wl, "n": a.n, "baseline_rss_mb": peak_rss_mb(),
+            "loadavg": os.getloadavg()[0]}
+    if wl in ("W1", "W4save"):
+        base["fsync_us"] = fsync_probe(a.tmpdir)
     if wl == "rss":
         res: dict[str, Any] = {}
     elif wl == "W1":
@@ -507,11 +580,12 @@ def main(argv: list[str]) -> dict[str, Any]:
         res = w3_cli(a.tmpdir, a.n)
     elif wl == "W4save":
         res = w4_save(a.contender, a.tmpdir, a.mb)
-    elif wl == "W4load":
-        res = w4_load(a.contender, a.tmpdir, a.mb)
+    elif wl in ("W4load", "W4warm"):
+        res = w4_load(a.contender, a.tmpdir, a.mb, warm=wl == "W4warm")
     else:
         p.error(f"unknown workload {wl}")
     res.setdefault("peak_rss_mb", peak_rss_mb())
+    res["ru_maxrss_mb"] = ru_maxrss_mb()
     return {**base, **res}
 
 

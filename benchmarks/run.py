@@ -134,7 +134,8 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
                 save = run_worker(c, "W4save", 1, tmp, budget=a.budget, mb=a.w4_mb)
                 records.append(save)
                 if "error" not in save:
-                    records.append(run_worker(c, "W4load", 1, tmp, budget=a.budget, mb=a.w4_mb))
+                    for wl in ("W4load", "W4warm"):
+                        records.append(run_worker(c, wl, 1, tmp, budget=a.budget, mb=a.w4_mb))
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
         shutil.rmtree(base_tmp, ignore_errors=True)
