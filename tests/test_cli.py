@@ -10,6 +10,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
+from ai2_kit import main as main_module
+from ai2_kit.core.checkpoint import _ops
+from ai2_kit.core.checkpoint import cli as cli_module
+from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, open_store
 from helpers_cli import (
     AFTER_RM_DEEPMD,
     KEYS,
@@ -25,10 +30,6 @@ from helpers_cli import (
     write_reference_file,
 )
 
-from ai2_kit import main as main_module
-from ai2_kit.core.checkpoint import _ops, cli as cli_module
-from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, open_store
-
 
 def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
@@ -37,7 +38,7 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-# -- the seed's three lines ----------------------------------------------------------
+# -- the seed's three lines ------
 @pytest.mark.parametrize("kind", KINDS)
 def test_seed_lines(tmp_path: Path, kind: str) -> None:
     path = str(make_store(tmp_path, kind))
@@ -86,7 +87,7 @@ def test_commands_chain(tmp_path: Path) -> None:
     assert r.out.splitlines()[-2:] == ["iters-001/lammps", "time_consuming_step"]
 
 
-# -- ls ---------------------------------------------------------------------------------------
+# -- ls ------
 def test_ls_patterns_and_exclude(tmp_path: Path) -> None:
     path = str(make_store(tmp_path, "sqlite"))
     assert cli("ls", path, "iters-000/deepmd").out.splitlines() == [
@@ -148,7 +149,7 @@ def test_fire_value_parsing_cannot_change_keys(tmp_path: Path) -> None:
     assert r.code == 0 and "[ab]" in r.out
 
 
-# -- show ---------------------------------------------------------------------------------------
+# -- show ------
 def test_show_metadata_and_value(tmp_path: Path) -> None:
     path = str(make_store(tmp_path, "sqlite"))
     r = cli("load", path, "-", "show", "iters-000/deepmd/red")
@@ -184,7 +185,7 @@ def test_show_reference_entries(tmp_path: Path) -> None:
         assert repr(value_of("iters-000/deepmd/red")) in r.out
 
 
-# -- rm -----------------------------------------------------------------------------------------------
+# -- rm ------
 def test_rm_prefix_is_not_a_string_prefix(tmp_path: Path) -> None:
     path = str(make_store(tmp_path, "directory"))
     r = cli("rm", path, "iters-000/deepmd")
@@ -262,7 +263,7 @@ def test_rm_dry_run_of_a_reference_file_changes_nothing(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.bak"))
 
 
-# -- nothing is unpickled by ls, show (metadata) and rm ---------------------------------------------------
+# -- nothing is unpickled by ls, show (metadata) and rm ------
 @pytest.mark.parametrize("kind", ["sqlite", "directory", "reference-dir"])
 def test_listing_showing_removing_never_unpickle(tmp_path: Path, kind: str) -> None:
     marker = tmp_path / "MARKER"
@@ -290,7 +291,7 @@ def test_listing_showing_removing_never_unpickle(tmp_path: Path, kind: str) -> N
     assert marker.exists()
 
 
-# -- migrate -----------------------------------------------------------------------------------------------
+# -- migrate ------
 def test_migrate_reference_file(tmp_path: Path) -> None:
     path = make_store(tmp_path, "reference-file")
     original = path.read_bytes()
@@ -353,7 +354,7 @@ def test_migrate_leaves_current_stores_alone(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.bak"))
 
 
-# -- the shared reference fixtures, when present --------------------------------------------------------------
+# -- the shared reference fixtures, when present ------
 def test_shared_reference_fixtures(tmp_path: Path) -> None:
     root = copy_fixtures(tmp_path)
     if root is None:
@@ -375,7 +376,7 @@ def test_shared_reference_fixtures(tmp_path: Path) -> None:
                 assert hit is not None and repr(hit.value) == manifest[key]
 
 
-# -- errors: one line, a path or word, a way out, no traceback ------------------------------------------------
+# -- errors: one line, a path or word, a way out, no traceback ------
 def test_missing_store_is_not_created(tmp_path: Path) -> None:
     for argv in (["ls"], ["rm", "x", "--yes"], ["show", "x"], ["migrate"]):
         r = cli("load", str(tmp_path / "nope.pkl"), "-", *argv)
@@ -470,7 +471,7 @@ def test_rm_of_a_read_only_store_is_one_line(tmp_path: Path) -> None:
     assert r.code == 1 and "marker" in one_error_line(r.err)
 
 
-# -- help --------------------------------------------------------------------------------------------------------------
+# -- help ------
 @pytest.mark.parametrize("command", ["load", "ls", "show", "rm", "migrate"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     for argv in ([command, "--help"], ["load", "F", "-", command, "-h"], ["help", command]):
@@ -511,7 +512,7 @@ def test_run_leaves_logging_as_it_found_it(tmp_path: Path) -> None:
     assert (list(logger.handlers), logger.propagate) == before
 
 
-# -- the library functions behind the commands --------------------------------------------------------------------------
+# -- the library functions behind the commands ------
 def test_ops_doctests() -> None:
     result = doctest.testmod(_ops, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
@@ -553,3 +554,28 @@ def test_reference_file_written_by_hand_lists(tmp_path: Path) -> None:
     path = write_reference_file(tmp_path / "f.pkl", {"k": {"return": 1}})
     r = cli("ls", str(path), "-v")
     assert r.code == 0 and r.out.splitlines()[1].split()[4:] == ["k", "-", "-"]
+
+
+# -- PostgreSQL, when a server is given ------
+def test_seed_lines_on_postgres() -> None:
+    import uuid
+
+    from conftest import _drop_pg_schema, pg_url_or_skip
+
+    url = pg_url_or_skip()
+    schema = "t_cli_" + uuid.uuid4().hex[:10]
+    location = f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    with open_store(location) as s:
+        for key in KEYS:
+            s.put(key, value_of(key), fn_name="f", call_site="w.py:1", duration=1.0)
+    try:
+        assert cli("load", location, "-", "ls").out.splitlines() == sorted(KEYS)
+        assert cli("load", location, "-", "ls", "--verbose").code == 0
+        r = cli("load", location, "-", "rm", "iters-000/deepmd")
+        assert r.code == 0 and "Removed 2 entries" in r.out
+        assert cli("load", location, "-", "ls").out.splitlines() == AFTER_RM_DEEPMD
+        assert "nothing to migrate" in cli("migrate", location).out
+    finally:
+        _drop_pg_schema(url, schema)
+    r = cli("load", f"{url}{'&' if '?' in url else '?'}schema=t_cli_absent", "-", "ls")
+    assert r.code == 1 and "t_cli_absent" in one_error_line(r.err)

@@ -322,7 +322,7 @@ def migrate(location: str | os.PathLike[str]) -> MigrationReport:
         ReadOnlyStoreError: the store cannot be written.
     """
     if is_postgres_url(location):
-        store = open_store(location)
+        store = open_existing(location, readonly=True, allow_newer=False)
         with store:
             return MigrationReport(str(store.location), "current", store.kind, already=len(store))
     path = os.path.abspath(os.fspath(location))

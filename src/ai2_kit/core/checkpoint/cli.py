@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import pprint
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from fire.core import FireExit
 
 from . import _ops
 from ._errors import CheckpointError, NewerFormatError
-from .stores import Store
+from .stores import Store, is_postgres_url
 
 __all__ = ["run", "PROG", "CheckpointTool"]
 
@@ -485,6 +486,12 @@ class CheckpointTool:
         self._writable = write
         return self._store
 
+    def _shown(self) -> str:
+        """The store as the user named it, for hints; a URL without its password."""
+        if self._location is not None and is_postgres_url(self._location) and self._store is not None:
+            return self._store.location
+        return self._location or ""
+
     def close(self) -> None:
         if self._store is not None:
             store, self._store = self._store, None
@@ -506,7 +513,7 @@ class CheckpointTool:
         ro = f"; read-only: {store.readonly_reason}" if own else ""
         return (
             f"{store.location}: {store.kind} store, {_entries(len(store))}{ro}\n"
-            f"List them with: {PROG} load {self._location} - ls"
+            f"List them with: {PROG} load {shlex.quote(self._shown())} - ls"
         )
 
     # -- commands ---------------------------------------------------------------------
@@ -586,8 +593,9 @@ class CheckpointTool:
         meta = store.get_meta(key)
         if meta is None:
             below = sum(1 for _ in _ops.iter_select(store, key.rstrip("/") + "/")) if key else 0
-            hint = (f"; {_entries(below)} below it: {PROG} load {self._location} - ls {key!r}"
-                    if below else f"; list the keys with: {PROG} load {self._location} - ls")
+            where = shlex.quote(self._shown())
+            hint = (f"; {_entries(below)} below it: {PROG} load {where} - ls {shlex.quote(key)}"
+                    if below else f"; list the keys with: {PROG} load {where} - ls")
             raise CommandError(f"no entry {key!r} in {store.location}{hint}")
         meta = dict(meta)
         loaded: Any = None
