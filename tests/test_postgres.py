@@ -404,8 +404,13 @@ def test_import_does_not_load_psycopg(tmp_path: Any) -> None:
 def test_threads_write_distinct_keys(pg: Any) -> None:
     errors: list[BaseException] = []
 
+    conns: list[Any] = []
+    barrier = threading.Barrier(8)
+
     def work(t: int) -> None:
         try:
+            conns.append(pg._conn())
+            barrier.wait()  # all eight alive at once: eight connections
             for i in range(20):
                 pg.put(f"th/{t}/{i:02d}", (t, i))
                 assert pg.lookup(f"th/{t}/{i:02d}").value == (t, i)
@@ -418,7 +423,12 @@ def test_threads_write_distinct_keys(pg: Any) -> None:
     for th in threads:
         th.join()
     assert not errors and len(pg) == 160
-    assert len(pg._all) >= 8  # one connection per thread
+    assert len({id(c) for c in conns}) == 8  # one connection per thread
+    # The next thread that connects closes the sessions of the ended ones.
+    later = threading.Thread(target=pg.lookup, args=("th/0/00",))
+    later.start()
+    later.join()
+    assert all(c.closed for c in conns) and len(pg._all) == 2  # this thread's and the last one's
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")

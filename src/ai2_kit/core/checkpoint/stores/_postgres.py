@@ -206,7 +206,7 @@ class PostgresStore(Store):
                                  "Pick a shorter schema name")
         self._s = sql.Identifier(self.schema)
         self._local = threading.local()
-        self._all: list[psycopg.Connection[Any]] = []
+        self._all: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
         try:
@@ -245,7 +245,7 @@ class PostgresStore(Store):
         """One connection per thread, reopened in a forked child or after a break."""
         if os.getpid() != self._pid:
             with self._lock:
-                _INHERITED.extend(self._all)
+                _INHERITED.extend(c for _, c in self._all)
             self._pid = os.getpid()
             self._local = threading.local()
             self._all = []
@@ -257,22 +257,38 @@ class PostgresStore(Store):
         if conn is None:
             if self.closed:
                 raise StoreOpenError(self.location, "the store is closed", "Open it again")
+            self._close_orphans()
             conn = self._connect()
             self._local.conn = conn
             with self._lock:
-                self._all.append(conn)
+                self._all.append((threading.current_thread(), conn))
         return conn
 
-    def _drop(self, conn: psycopg.Connection[Any]) -> None:
+    def _close_orphans(self) -> None:
+        """Close the connections of threads that have ended.
+
+        Short-lived threads (a lease's heartbeat, a thread pool's workers)
+        would otherwise each leave a session open on the server until the
+        store is closed, and a long workflow would exhaust max_connections.
+        """
         with self._lock:
-            if conn in self._all:
-                self._all.remove(conn)
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
+            dead = [c for t, c in self._all if not t.is_alive()]
+            self._all = [(t, c) for t, c in self._all if t.is_alive()]
+        for conn in dead:
+            self._close_conn(conn)
+
+    def _close_conn(self, conn: psycopg.Connection[Any]) -> None:
         try:
             conn.close()
         except psycopg.Error as e:
             logger.debug("closing a connection to %s: %s", self.location, e)
+
+    def _drop(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            self._all = [(t, c) for t, c in self._all if c is not conn]
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        self._close_conn(conn)
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run ``fn(conn)``; once more on a new connection if the old one broke.
@@ -293,13 +309,10 @@ class PostgresStore(Store):
 
     def _close(self) -> None:
         with self._lock:
-            conns, self._all = self._all, []
+            conns, self._all = [c for _, c in self._all], []
         if os.getpid() == self._pid:
             for conn in conns:
-                try:
-                    conn.close()
-                except psycopg.Error as e:
-                    logger.debug("closing a connection to %s: %s", self.location, e)
+                self._close_conn(conn)
         else:
             _INHERITED.extend(conns)
         self._local = threading.local()
