@@ -28,10 +28,13 @@ def open_store(kind: str, location: str, options: dict) -> Store:
     return PostgresStore(location, **options)
 
 
+BIG_BYTES = int(os.environ.get("AI2_KIT_KILL_BIG_BYTES", str(1_600_000)))
+
+
 def value_for(tag: str, i: int, big_every: int) -> object:
     """A value whose content is derived from (tag, i), so readers can check it."""
     if big_every and i % big_every == big_every - 1:
-        return np.full(400_000, i, dtype=np.int32)  # 1.6 MB: a side file / chunks
+        return np.full(BIG_BYTES // 4, i, dtype=np.int32)  # a side file / chunks
     return {"tag": tag, "i": i, "pad": "x" * (i % 50)}
 
 
@@ -82,12 +85,62 @@ def slow_step(runs_dir: str, seconds: float) -> str:
     return f"result of {os.getpid()}"
 
 
+def fill_until_failure(ckpt: Checkpointer, tag: str, limit: int) -> None:
+    """Under RLIMIT_FSIZE (EFBIG instead of SIGXFSZ), save until a save fails."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    failed = 0
+    for i in range(40):
+        ok = ckpt.save(f"{tag}/k{i:03d}", value_for(tag, i, 2))
+        print(("ack" if ok else "fail") + f" {i}", flush=True)
+        failed += not ok
+    print(f"failed {failed}", flush=True)
+
+
+def load(ckpt: Checkpointer, tag: str, seconds: float, nkeys: int) -> None:
+    """4 threads writing and reading overlapping keys; every value read must be whole."""
+    import random
+
+    deadline = time.monotonic() + seconds
+    errors: list[str] = []
+    ops = [0]
+
+    def work(t: int) -> None:
+        rng = random.Random(f"{tag}-{t}")
+        while time.monotonic() < deadline:
+            key = f"load/k{rng.randrange(nkeys):03d}"
+            try:
+                if rng.random() < 0.5:
+                    nonce = rng.randrange(1 << 30)
+                    size = rng.choice([10, 1000, 300_000])
+                    ckpt.store.put(key, {"key": key, "nonce": nonce, "data": np.full(size, nonce % 251, np.uint8)})
+                else:
+                    hit = ckpt.store.lookup(key)
+                    if hit is not None:
+                        v = hit.value
+                        if v["key"] != key or not (v["data"] == v["nonce"] % 251).all():
+                            errors.append(f"{key}: mixed value")
+                ops[0] += 1
+            except Exception as e:  # reported to the parent, which fails the test
+                errors.append(f"{key}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    print(json.dumps({"ops": ops[0], "errors": errors[:20], "nerrors": len(errors)}), flush=True)
+
+
 def main() -> None:
     role, kind, location = sys.argv[1:4]
     options = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     args = sys.argv[5:]
     lease = float(os.environ.get("AI2_KIT_TEST_LEASE", "60"))
-    ckpt = Checkpointer(store=open_store(kind, location, options), dedup=True, lease=lease)
+    ckpt = Checkpointer(store=open_store(kind, location, options), dedup=role == "dedup", lease=lease)
     if role == "writer":
         writer(ckpt, args[0], int(args[1]), int(args[2]))
     elif role == "overwriter":
@@ -96,6 +149,10 @@ def main() -> None:
         mixed(ckpt, args[0], int(args[1]))
     elif role == "dedup":
         print("value", ckpt("slow/step")(slow_step)(args[0], float(args[1])), flush=True)
+    elif role == "fill":
+        fill_until_failure(ckpt, args[0], int(args[1]))
+    elif role == "load":
+        load(ckpt, args[0], float(args[1]), int(args[2]))
     elif role == "sleep-after-start":
         print("ready", flush=True)
         time.sleep(60)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from _procs import value_for
+from _procs import BIG_BYTES, value_for
+from _reliability import record
 from ai2_kit.core.checkpoint.stores import SQLiteStore, Store
 
 PROCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_procs.py")
@@ -84,13 +85,16 @@ def test_sigkill_during_writes_loses_nothing(store_factory: Callable[..., Store]
         finally:
             store.close()
         acknowledged += len(acks)
-    print(f"kill test: {TRIALS} trials, {acknowledged} entries acknowledged, 0 lost")
+    record(f"SIGKILL during writes (values up to {BIG_BYTES / 1e6:.1f} MB)", store_factory.kind,  # type: ignore[attr-defined]
+           TRIALS, TRIALS, acknowledged, 0)
     assert acknowledged > 0
 
 
 def test_sigkill_during_overwrites_keeps_a_complete_value(store_factory: Callable[..., Store]) -> None:
     rng = random.Random(99)
-    for trial in range(max(3, TRIALS // 5)):
+    trials = max(3, TRIALS // 5)
+    acknowledged = 0
+    for trial in range(trials):
         tag = f"ow{trial}"
         acks = kill_at_random(spawn("overwriter", store_factory, tag, 100_000), rng.uniform(0.3, 1.0))
         store = store_factory()
@@ -104,6 +108,9 @@ def test_sigkill_during_overwrites_keeps_a_complete_value(store_factory: Callabl
                 assert any(_equal(hit.value, c) for c in candidates)
         finally:
             store.close()
+        acknowledged += len(acks)
+    record("SIGKILL during overwrites of one key", store_factory.kind,  # type: ignore[attr-defined]
+           trials, trials, acknowledged, 0)
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -599,3 +599,19 @@ def test_big_value_is_not_held_twice(pg_url: str, schema: str) -> None:
     # design that builds one bytea would show 2.0 to 3.0 here.
     assert ratios["put"] < 1.25, ratios
     assert ratios["get"] < 1.25, ratios
+
+
+def test_failed_put_raises_save_error_and_leaves_the_store_usable(pg: Any) -> None:
+    import random
+    import string
+
+    from ai2_kit.core.checkpoint import SaveError
+
+    pg.put("keep", "old")
+    rng = random.Random(7)
+    huge_key = "".join(rng.choice(string.ascii_letters) for _ in range(20000))  # beyond a btree row
+    with pytest.raises(SaveError) as info:
+        pg.put(huge_key, 1)
+    assert "index row" in str(info.value)
+    pg.put("keep", "new")
+    assert _value(pg, "keep") == "new" and pg.keys() == ["keep"]

@@ -93,12 +93,11 @@ def set_checkpoint_file(path: str | os.PathLike[str], **options: Any) -> Checkpo
     the same path does nothing; another path switches stores (logged).
     Options go to ``Checkpointer`` (``strict=True`` makes failed saves raise).
     """
-    if not isinstance(path, str) or "://" not in path:
-        if os.path.isdir(os.fspath(path)):
-            raise NotACheckpointStoreError(
-                os.path.abspath(os.fspath(path)), "it is a directory",
-                "Use set_checkpoint_dir() for a directory store",
-            )
+    if (not isinstance(path, str) or "://" not in path) and os.path.isdir(os.fspath(path)):
+        raise NotACheckpointStoreError(
+            os.path.abspath(os.fspath(path)), "it is a directory",
+            "Use set_checkpoint_dir() for a directory store",
+        )
     return _set_default(path, "file", **options)
 
 

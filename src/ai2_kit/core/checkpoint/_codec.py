@@ -13,13 +13,15 @@ anything is unpickled, so a flipped byte is reported, never returned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import pickle
 import struct
+import threading
 import zlib
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import cloudpickle
 
@@ -31,9 +33,13 @@ __all__ = [
     "meta_to_json",
     "meta_from_json",
     "FRAME_MAGIC",
+    "write_all",
     "Signer",
     "Verifier",
     "SignatureError",
+    "checking_only",
+    "verifier_for",
+    "CHECKED",
 ]
 
 FRAME_MAGIC = b"A2KF"
@@ -66,9 +72,9 @@ class Encoded:
 
     def write_to(self, f: BinaryIO) -> None:
         """Write the frame to an open binary file, each part from its own memory."""
-        f.write(self.header)
+        write_all(f, memoryview(self.header))
         for p in self.parts:
-            f.write(p)
+            write_all(f, p)
 
     def chunks(self) -> Iterable[memoryview]:
         """The frame as a sequence of byte views (for streaming writers)."""
@@ -76,6 +82,24 @@ class Encoded:
         for p in self.parts:
             for i in range(0, p.nbytes, _CHUNK):
                 yield p[i : i + _CHUNK]
+
+
+def write_all(f: BinaryIO, view: memoryview) -> None:
+    """Write all of ``view``: an unbuffered file may write less than asked.
+
+    A short write is what a file-size limit or a nearly full disk produces
+    first (the error comes only on the next call); ignoring it would leave a
+    truncated entry that claims to be complete.
+    """
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    done = 0
+    while done < view.nbytes:
+        n = f.write(view[done:])
+        if n is None:  # a non-blocking file that would block: not ours
+            raise OSError("write would block")
+        if n == 0:
+            raise OSError(f"no progress writing {view.nbytes - done} more bytes")
+        done += n
 
 
 def _crc_update(crc: int, view: memoryview) -> int:
@@ -111,6 +135,28 @@ def _check(crc: int, expected: str | None) -> None:
         raise ValueError(f"checksum mismatch (stored {expected}, computed {crc:08x})")
 
 
+_mode = threading.local()
+#: What a decode returns instead of a value inside ``checking_only()``.
+CHECKED = object()
+
+
+@contextlib.contextmanager
+def checking_only() -> Iterator[None]:
+    """Within this block (this thread), decoding checks checksums and MACs but unpickles nothing."""
+    before = getattr(_mode, "check_only", False)
+    _mode.check_only = True
+    try:
+        yield
+    finally:
+        _mode.check_only = before
+
+
+def _unpickle(data: Any, buffers: list[Any]) -> Any:
+    if getattr(_mode, "check_only", False):
+        return CHECKED
+    return pickle.loads(data, buffers=buffers)
+
+
 def decode_bytes(frame: bytes | memoryview, expected_crc: str | None, verifier: Verifier | None = None) -> Any:
     """Check (checksum, and MAC when a verifier is given) and unpickle a frame held in memory."""
     view = memoryview(frame)
@@ -136,6 +182,8 @@ def decode_bytes(frame: bytes | memoryview, expected_crc: str | None, verifier: 
     if verifier is not None:
         verifier.check()
     # Out-of-band buffers get their own writable memory, as the original had.
+    if getattr(_mode, "check_only", False):
+        return CHECKED
     return pickle.loads(parts[0], buffers=[bytearray(p) for p in parts[1:]])
 
 
@@ -171,7 +219,7 @@ def read_frame(f: BinaryIO, expected_crc: str | None, source: str, verifier: Ver
     _check(crc, expected_crc)
     if verifier is not None:
         verifier.check()
-    return pickle.loads(parts[0], buffers=parts[1:])
+    return _unpickle(parts[0], parts[1:])
 
 
 def _read_exact(f: BinaryIO, n: int, source: str) -> bytes:
@@ -241,3 +289,8 @@ class Signer:
 
     def verifier(self, meta: dict[str, Any]) -> Verifier:
         return Verifier(self._secret, meta)
+
+
+def verifier_for(signer: Signer | None, meta: dict[str, Any]) -> Verifier | None:
+    """The verifier a loader hands to the decoder: None when no signing key is in use."""
+    return None if signer is None else signer.verifier(meta)

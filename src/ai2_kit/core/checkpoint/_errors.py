@@ -12,6 +12,7 @@ __all__ = [
     "CorruptEntryError",
     "SaveError",
     "SignatureMismatchError",
+    "StoreDamagedError",
 ]
 
 
@@ -65,6 +66,19 @@ class NewerFormatError(StoreOpenError):
             location,
             f"format version {found}{by} is newer than this library's {supported}",
             "It is opened read-only; upgrade ai2-kit-checkpoint to write to it",
+        )
+
+
+class StoreDamagedError(CheckpointError):
+    """The store's file itself is damaged (not one entry): nothing is overwritten."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        self.location = location
+        self.reason = reason
+        super().__init__(
+            f"checkpoint store {location!r} is damaged: {reason}. It is left as it is; "
+            f"'ai2-kit tool checkpoint verify {location} --salvage NEW' copies every readable "
+            "entry into a new store"
         )
 
 

@@ -89,13 +89,15 @@ patterns:
 _COMMANDS: dict[str, _Command] = {
     "load": _Command(
         "load", ("path",), 1,
+        options={"--path": "path"},
         summary="choose the store that the following commands work on",
         help=f"""\
 usage: {PROG} load STORE [- COMMAND ...]
 
 Choose the store the commands after '-' work on. STORE is a single-file store,
 a directory store, a reference 2023 pickle file, a reference 2024 directory,
-or a postgresql:// URL. Nothing is read until a command needs it, and nothing
+or a postgresql:// URL (a path starting with '-' is written --path=-NAME).
+Nothing is read until a command needs it, and nothing
 is ever created: a path that does not exist is an error. On its own, 'load'
 prints a one-line summary of the store.
 

@@ -9,7 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
-from .._codec import Encoded, SignatureError, Signer, encode
+from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode
 from .._errors import CorruptEntryError, ReadOnlyStoreError, SaveError, SignatureMismatchError
 from .._keys import key_matcher, prefix_of, validate_key
 
@@ -55,6 +55,8 @@ class Store(ABC):
     ``_get(key) -> (meta, loader) | None``
         The metadata record and a function ``loader(signer)`` that returns
         the value (it may raise; the caller reports it as a damaged entry).
+        A loader that holds an open file also has ``close()``, which the
+        caller always calls, whether the loader ran or not.
         With a signer, the loader passes ``signer.verifier(meta)`` to the
         codec, which checks the MAC before unpickling.
     ``_get_meta(key) -> meta | None``
@@ -132,27 +134,74 @@ class Store(ABC):
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------
+    def _damaged(self, e: BaseException) -> bool:
+        """Whether ``e`` says the store's bytes are damaged (engines refine this)."""
+        return isinstance(e, (ValueError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError)) or (
+            isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
+        )
+
     def lookup(self, key: str) -> Hit | None:
         """The entry stored under ``key``, or None. Raises CorruptEntryError."""
         key = validate_key(key)
-        got = self._get(key)
+        try:
+            got = self._get(key)
+        except Exception as e:
+            if self._damaged(e):
+                raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
+            raise
         if got is None:
             return None
         meta, load = got
+        try:
+            value = self._load(key, meta, load)
+        finally:
+            close = getattr(load, "close", None)
+            if close is not None:  # loaders holding an open file release it
+                close()
+        return Hit(meta, value)
+
+    def _load(self, key: str, meta: dict[str, Any], load: Loader) -> Any:
+        if meta.get("key") != key:
+            # A damaged key column (or a file moved by hand) must never hand one
+            # step's result to another.
+            raise CorruptEntryError(self.location, key, f"it holds the entry of {meta.get('key')!r}")
         if self.signer is not None and meta.get("legacy"):
             raise SignatureMismatchError(
                 self.location, key, "it is a reference-format entry, which carries no signature, "
                 "and a signing key is in use; it was not unpickled"
             )
         try:
-            value = load(self.signer)
+            return load(self.signer)
         except CorruptEntryError:
             raise
         except SignatureError as e:
             raise SignatureMismatchError(self.location, key, f"{e}; it was not unpickled") from e
         except Exception as e:  # any failure to read or unpickle is damage
             raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
-        return Hit(meta, value)
+
+    def verify(self, key: str) -> str | None:
+        """Check one entry's bytes (checksum, and MAC with a signing key) without unpickling.
+
+        Returns None when the entry is sound (or missing), else the reason.
+        Reference-format entries are only checked to be pickles.
+        """
+        try:
+            meta = self.get_meta(key)
+            if meta is None or meta.get("legacy"):
+                return None
+            if "damaged" in meta:
+                return str(meta["damaged"])
+            with checking_only():
+                hit = self.lookup(key)
+            if hit is not None and hit.value is not CHECKED:
+                return "the entry was decoded by an engine that ignores check-only mode"
+        except CorruptEntryError as e:
+            return e.reason
+        except Exception as e:
+            if self._damaged(e):
+                return f"{type(e).__name__}: {e}"
+            raise
+        return None
 
     def get_meta(self, key: str) -> dict[str, Any] | None:
         """The metadata record of ``key`` (never unpickles), or None."""

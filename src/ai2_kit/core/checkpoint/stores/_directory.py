@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import cloudpickle
 
-from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame
+from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, verifier_for, write_all
 from .._errors import InvalidKeyError, NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 from ._fs import fsync_dir, temp_name
@@ -171,9 +171,9 @@ class DirectoryStore(Store):
             raise
 
         def load(signer: Signer | None) -> Any:
-            with f:
-                return read_frame(f, meta.get("crc32"), path, signer and signer.verifier(meta))
+            return read_frame(f, meta.get("crc32"), path, verifier_for(signer, meta))
 
+        load.close = f.close  # type: ignore[attr-defined]
         return meta, load
 
     def _get_legacy(self, key: str) -> tuple[dict[str, Any], Loader] | None:
@@ -228,7 +228,7 @@ class DirectoryStore(Store):
                 continue
             try:
                 with f:
-                    f.write(ENTRY_MAGIC + _U32.pack(len(meta_bytes)) + meta_bytes)
+                    write_all(f, memoryview(ENTRY_MAGIC + _U32.pack(len(meta_bytes)) + meta_bytes))
                     encoded.write_to(f)
                     os.fsync(f.fileno())
                 # Rename, not rewrite: a kill mid-write must leave the old entry.

@@ -17,7 +17,7 @@ from .._errors import NotACheckpointStoreError, StoreOpenError
 from ._base import Loader, Store
 from ._directory import legacy_meta, unwrap_legacy
 from ._fs import fsync_dir, temp_name
-from ._sqlite import SQLiteStore, SQLITE_MAGIC
+from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
 __all__ = ["LegacyFileStore", "migrate_legacy_file", "load_legacy_file"]
 

@@ -17,6 +17,7 @@ back into preallocated buffers, so a 1 GB array costs about 1 GB, not 3.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -489,7 +490,12 @@ class PostgresStore(Store):
         nchunks = 0 if inline else -(-encoded.size // CHUNK_SIZE)
 
         def put(conn: psycopg.Connection[Any]) -> None:
-            with conn.transaction(), conn.cursor() as cur:
+            # A small put is sent as one pipeline (BEGIN, two statements,
+            # COMMIT in one round trip): against a remote server the network
+            # latency, not the server, would otherwise set the pace. COPY
+            # cannot run in a pipeline; a large put is dominated by its bytes.
+            pipe = conn.pipeline() if inline else contextlib.nullcontext()
+            with pipe, conn.transaction(), conn.cursor() as cur:
                 # The upsert first: it locks the key's row until commit, so a
                 # concurrent put of the same key waits here, and the DELETE
                 # below (a new snapshot) then sees the other put's chunks.

@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Any, Iterator
 
-from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame
-from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
+from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
+from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 from ._fs import fsync_dir, is_network_fs, temp_name
 
@@ -92,6 +92,9 @@ class SQLiteStore(Store):
             check_sqlite_header(path)
         if not readonly and not os.access(path, os.W_OK):
             self.readonly, self.readonly_reason = True, "no write permission on the file"
+        elif not readonly and not os.access(os.path.dirname(path), os.W_OK):
+            # SQLite needs its folder for the journal or the WAL's side files.
+            self.readonly, self.readonly_reason = True, "no write permission on the file's folder"
         self._check_schema()
 
     # -- opening ------------------------------------------------------------
@@ -133,14 +136,28 @@ class SQLiteStore(Store):
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
-            uri = "file:" + _uri_path(self.path) + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = self._connect_readonly()
         else:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
         return conn
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        base = "file:" + _uri_path(self.path) + "?mode=ro"
+        conn = sqlite3.connect(base, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            conn.close()
+            # A WAL database on a read-only file system (or in a folder we may
+            # not write) cannot create its shared-memory file; nobody can be
+            # writing it then, so reading it as immutable is safe.
+            logger.info("opening %s as immutable (%s)", self.path, e)
+        return sqlite3.connect(base + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
 
     def _conn(self) -> sqlite3.Connection:
         """One connection per thread, reopened in a forked child."""
@@ -221,10 +238,10 @@ class SQLiteStore(Store):
 
             def load(signer: Signer | None) -> Any:
                 with open(path, "rb", buffering=0) as f:
-                    return read_frame(f, crc, path, signer and signer.verifier(meta))
+                    return read_frame(f, crc, path, verifier_for(signer, meta))
 
             return meta, load
-        return meta, lambda signer: decode_bytes(value, crc, signer and signer.verifier(meta))
+        return meta, lambda signer: decode_bytes(value, crc, verifier_for(signer, meta))
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         row = self._conn().execute("SELECT meta FROM entries WHERE key=?", (key,)).fetchone()
@@ -241,9 +258,14 @@ class SQLiteStore(Store):
         path = os.path.join(self.blob_dir, name)
         # A unique name that nothing refers to until the row commits: a crash
         # before the commit leaves an orphan file, never a half-written value.
-        with open(path, "xb", buffering=0) as f:
-            encoded.write_to(f)
-            os.fsync(f.fileno())
+        try:
+            with open(path, "xb", buffering=0) as f:
+                encoded.write_to(f)
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         fsync_dir(self.blob_dir)
         return name
 
@@ -307,18 +329,26 @@ class SQLiteStore(Store):
 
     def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]:
         upper = _successor(prefix) if prefix else None
+        params: tuple[str, ...]
         if not prefix:
-            sql, params = "SELECT meta FROM entries ORDER BY key", ()
+            sql, params = "SELECT key, meta FROM entries ORDER BY key", ()
         elif upper is None:
-            sql, params = "SELECT meta FROM entries WHERE key >= ? ORDER BY key", (prefix,)
+            sql, params = "SELECT key, meta FROM entries WHERE key >= ? ORDER BY key", (prefix,)
         else:
-            sql = "SELECT meta FROM entries WHERE key >= ? AND key < ? ORDER BY key"
-            params = (prefix, upper)  # type: ignore[assignment]
+            sql = "SELECT key, meta FROM entries WHERE key >= ? AND key < ? ORDER BY key"
+            params = (prefix, upper)
         # A connection of its own: a caller may write (rm) while iterating.
         conn = self._connect()
         try:
-            for (text,) in conn.execute(sql, params):
-                yield meta_from_json(text)
+            for key, text in conn.execute(sql, params):
+                try:
+                    yield meta_from_json(text)
+                except ValueError as e:  # listing goes on past one damaged record
+                    yield {"key": key, "damaged": f"unreadable metadata ({e})"}
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):
+                raise
+            raise StoreDamagedError(self.path, str(e)) from e
         finally:
             conn.close()
 
@@ -370,6 +400,15 @@ class SQLiteStore(Store):
         self._local = threading.local()
 
     # -- maintenance ------------------------------------------------------------
+    def orphan_blobs(self) -> list[str]:
+        """Side files that no entry refers to (a writer was killed before its commit)."""
+        try:
+            names = {n for n in os.listdir(self.blob_dir) if n.endswith(".frame")}
+        except FileNotFoundError:
+            return []
+        used = {r[0] for r in self._conn().execute("SELECT blob FROM entries WHERE blob IS NOT NULL")}
+        return sorted(os.path.join(self.blob_dir, n) for n in names - used)
+
     def integrity_check(self) -> list[str]:
         """SQLite's own integrity check; an empty list means the file is sound."""
         rows = self._conn().execute("PRAGMA integrity_check").fetchall()

@@ -1,0 +1,132 @@
+"""Store-level maintenance: verify, salvage, and copy entries between stores."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sqlite3
+from typing import Iterator
+
+from ._errors import CheckpointError, CorruptEntryError, StoreDamagedError
+from .stores import SQLiteStore, Store
+
+__all__ = ["VerifyReport", "CopyReport", "verify_store", "copy_entries", "salvage"]
+
+logger = logging.getLogger("ai2_kit.checkpoint")
+
+# Fields that describe the stored bytes and are recomputed by the destination.
+_DERIVED = frozenset({"key", "size", "crc32", "format", "mac", "version"})
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """What ``verify_store`` found; ``ok`` when nothing is damaged."""
+
+    location: str
+    entries: int = 0
+    damaged: dict[str, str] = dataclasses.field(default_factory=dict)
+    store_problems: list[str] = dataclasses.field(default_factory=list)
+    orphan_files: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.store_problems
+
+
+@dataclasses.dataclass
+class CopyReport:
+    """What ``copy_entries``/``salvage`` did: every key is in exactly one list."""
+
+    copied: list[str] = dataclasses.field(default_factory=list)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _keys(store: Store, pattern: str | None) -> Iterator[str]:
+    """Every key, even from an SQLite file whose index pages are damaged."""
+    seen: set[str] = set()
+    try:
+        for meta in store.iter_meta(pattern):
+            seen.add(meta["key"])
+            yield meta["key"]
+        return
+    except StoreDamagedError as e:
+        if not isinstance(store, SQLiteStore):
+            raise
+        logger.warning("%s; probing rows one by one", e)
+    # Row by row, so one damaged page costs only the rows on it.
+    conn = store._conn()
+    try:
+        top = conn.execute("SELECT max(rowid) FROM entries").fetchone()[0] or 0
+    except sqlite3.DatabaseError:
+        top = 1_000_000
+    for rowid in range(1, top + 1):
+        try:
+            row = conn.execute("SELECT key FROM entries WHERE rowid = ?", (rowid,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row and row[0] not in seen:
+            seen.add(row[0])
+            yield row[0]
+
+
+def verify_store(store: Store) -> VerifyReport:
+    """Check every entry's bytes (checksums, MACs) and the store's own structure.
+
+    Never unpickles a value. For SQLite it also runs ``PRAGMA integrity_check``
+    and lists side files no entry refers to (left by a writer killed between
+    writing a large value and committing it; harmless, and removable).
+    """
+    report = VerifyReport(store.location)
+    if isinstance(store, SQLiteStore):
+        try:
+            report.store_problems.extend(store.integrity_check())
+        except sqlite3.DatabaseError as e:
+            report.store_problems.append(str(e))
+        report.orphan_files.extend(store.orphan_blobs())
+    try:
+        for key in _keys(store, None):
+            report.entries += 1
+            reason = store.verify(key)
+            if reason is not None:
+                report.damaged[key] = reason
+    except StoreDamagedError as e:
+        report.store_problems.append(e.reason)
+    return report
+
+
+def copy_entries(src: Store, dst: Store, pattern: str | None = None, *, overwrite: bool = True) -> CopyReport:
+    """Copy entries (all, or those matching ``pattern``) from ``src`` to ``dst``.
+
+    Each value is read (checksum and MAC checked), written, and read back
+    from ``dst`` before it counts as copied. Metadata (function, call site,
+    created time, duration, fingerprints) is kept. An entry that cannot be
+    read or written is listed in ``failed`` with the reason; the rest go on.
+    """
+    report = CopyReport()
+    for key in _keys(src, pattern):
+        try:
+            if not overwrite and dst.get_meta(key) is not None:
+                report.failed[key] = "already in the destination"
+                continue
+            hit = src.lookup(key)
+            if hit is None:
+                report.failed[key] = "removed while copying"
+                continue
+            fields = {k: v for k, v in hit.meta.items() if k not in _DERIVED and k != "damaged"}
+            written = dst.put(key, hit.value, **fields)
+            if dst.verify(key) is not None or dst.get_meta(key) != written:
+                raise CorruptEntryError(dst.location, key, "the copy does not read back")
+            report.copied.append(key)
+        except (CheckpointError, OSError, sqlite3.Error) as e:
+            report.failed[key] = str(e)
+    return report
+
+
+def salvage(src: Store, dst: Store) -> CopyReport:
+    """Copy every readable entry of a damaged store into a new one; ``src`` is untouched."""
+    if os.path.abspath(str(src.location)) == os.path.abspath(str(dst.location)):
+        raise CheckpointError("salvage needs a new destination, not the damaged store itself")
+    return copy_entries(src, dst)
+
+
