@@ -128,7 +128,9 @@ def reset_checkpoint() -> None:
         old.close()
 
 
-def apply_checkpoint(key: Key, disable: bool = False) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def apply_checkpoint(
+    key: Key, disable: bool = False, *, stale: str | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Checkpoint calls of a function under ``key``.
 
     ``apply_checkpoint(key)(fn)(*args, **kwargs)`` runs ``fn`` the first time
@@ -136,9 +138,11 @@ def apply_checkpoint(key: Key, disable: bool = False) -> Callable[[Callable[P, R
     return the saved result without running ``fn``. ``key`` is a string or a
     function of ``FnInfo`` returning one. Without a store set (or with
     ``disable=True``) ``fn`` just runs. The store is looked up at call time,
-    so decorating before ``set_checkpoint_file`` is fine.
+    so decorating before ``set_checkpoint_file`` is fine. ``stale``
+    (``"warn"``, ``"rerun"``, ``"ignore"``) overrides the store's policy for
+    saved results whose arguments or code changed since (see ``Checkpointer``).
     """
-    return lambda fn: make_wrapper(fn, key, disable, get_checkpointer)  # type: ignore[return-value]
+    return lambda fn: make_wrapper(fn, key, disable, get_checkpointer, stale)  # type: ignore[return-value]
 
 
 def del_checkpoint(key: str) -> bool:

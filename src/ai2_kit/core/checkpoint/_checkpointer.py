@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, TypeVar, Union
 
 from ._errors import CorruptEntryError, SaveError
+from ._fingerprint import compare, describe, fingerprint
 from ._keys import validate_key
 from .stores import Store, open_store
 
@@ -81,6 +82,11 @@ class Checkpointer:
             one small write per miss; off by default except on PostgreSQL.
         lease: seconds a claim lasts without a heartbeat (the longest a rerun
             after a crash can wait for a dead owner's claim).
+        stale: what to do when a hit's saved fingerprints (of the call's
+            arguments and of the function's code) differ from this call's:
+            ``"warn"`` (return the saved value, log one WARNING naming what
+            changed), ``"rerun"`` (run again and replace the entry) or
+            ``"ignore"`` (the reference's behaviour; no fingerprinting cost).
         signing_key: sign every entry with an HMAC under this secret and
             refuse, before unpickling, entries whose MAC is missing or wrong
             (default: the ``AI2_KIT_CHECKPOINT_KEY`` environment variable).
@@ -97,9 +103,11 @@ class Checkpointer:
         dedup: bool | None = None,
         lease: float = 60.0,
         signing_key: bytes | str | None = None,
+        stale: str = "warn",
     ) -> None:
         if (location is None) == (store is None):
             raise TypeError("Checkpointer needs exactly one of location or store")
+        self.stale = _check_policy(stale)
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
         if store is None:
@@ -115,9 +123,14 @@ class Checkpointer:
     def location(self) -> str:
         return self.store.location
 
-    def __call__(self, key: Key, disable: bool = False) -> Callable[[Callable[..., R]], Callable[..., R]]:
-        """A decorator that checkpoints calls of a function under ``key``."""
-        return lambda fn: make_wrapper(fn, key, disable, lambda: self)
+    def __call__(
+        self, key: Key, disable: bool = False, *, stale: str | None = None
+    ) -> Callable[[Callable[..., R]], Callable[..., R]]:
+        """A decorator that checkpoints calls of a function under ``key``.
+
+        ``stale`` overrides the checkpointer's policy for these calls.
+        """
+        return lambda fn: make_wrapper(fn, key, disable, lambda: self, stale)
 
     apply = __call__
 
@@ -172,6 +185,30 @@ class Checkpointer:
                            "will run again next time", err)
             return False
 
+
+    # -- staleness ---------------------------------------------------------------
+    def fingerprint(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        """The fingerprints of a call, or None if fingerprinting itself failed."""
+        try:
+            return fingerprint(fn, args, kwargs)
+        except Exception as e:  # never let a staleness check break a workflow
+            logger.debug("could not fingerprint a call of %r: %s", fn, e)
+            return None
+
+    def accept(self, key: str, meta: dict[str, Any], fp: dict[str, Any] | None, policy: str) -> bool:
+        """Whether a hit may be returned: compares saved and current fingerprints."""
+        old = meta.get("fingerprint")
+        if not old or fp is None:
+            return True  # saved before fingerprints existed, or with stale="ignore"
+        changes = compare(old, fp)
+        if not changes:
+            return True
+        if policy == "rerun":
+            logger.warning("%s; running the step again (stale='rerun')", describe(key, changes))
+            return False
+        logger.warning("%s; returning the saved result (pass stale='rerun' to run it again, "
+                       "or remove the entry)", describe(key, changes))
+        return True
 
     # -- same-key dedup -----------------------------------------------------------
     def _new_owner(self) -> str:
@@ -248,6 +285,15 @@ def _release(lease: Lease | None) -> None:
         lease.release()
 
 
+_POLICIES = ("warn", "rerun", "ignore")
+
+
+def _check_policy(policy: str) -> str:
+    if policy not in _POLICIES:
+        raise ValueError(f"stale must be one of {', '.join(map(repr, _POLICIES))}, not {policy!r}")
+    return policy
+
+
 def _resolve_key(key: Key, fn: Callable[..., Any], args: tuple, kwargs: dict, site: str) -> str:
     if isinstance(key, str):
         return validate_key(key)
@@ -261,6 +307,7 @@ def make_wrapper(
     key: Key,
     disable: bool,
     resolve: Callable[[], Checkpointer | None],
+    stale: str | None = None,
 ) -> Callable[..., Any]:
     """Wrap ``fn``; ``resolve`` gives the checkpointer at call time (None: just run)."""
     if not callable(fn):
@@ -269,19 +316,33 @@ def make_wrapper(
         raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
     if isinstance(key, str):
         validate_key(key)  # fail at decoration time, before any step runs
+    if stale is not None:
+        _check_policy(stale)
     fn_name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
     is_coro_fn = inspect.iscoroutinefunction(fn)
 
-    def fields(site: str, started: float, awaitable: bool) -> dict[str, Any]:
-        return {
+    def fields(site: str, started: float, awaitable: bool, fp: dict[str, Any] | None) -> dict[str, Any]:
+        out = {
             "fn_name": fn_name,
             "call_site": site,
             "duration": time.perf_counter() - started,
             "is_awaitable": awaitable,
         }
+        if fp is not None:
+            out["fingerprint"] = fp
+        return out
+
+    def prepare(ckpt: Checkpointer, k: str, args: tuple, kwargs: dict) -> tuple[Any, ...]:
+        """Look ``k`` up and judge staleness: (found, value, meta, fingerprint)."""
+        policy = stale or ckpt.stale
+        fp = None if policy == "ignore" else ckpt.fingerprint(fn, args, kwargs)
+        found, value, meta = ckpt.lookup(k)
+        if found and fp is not None and not ckpt.accept(k, meta, fp, policy):
+            found = False
+        return found, value, meta, fp
 
     async def run_async(ckpt: Checkpointer, k: str, site: str, args: tuple, kwargs: dict) -> Any:
-        found, value, _ = ckpt.lookup(k)
+        found, value, _, fp = prepare(ckpt, k, args, kwargs)
         if found:
             return value
         lease = None
@@ -292,17 +353,18 @@ def make_wrapper(
         try:
             started = time.perf_counter()
             value = await fn(*args, **kwargs)
-            ckpt.save(k, value, **fields(site, started, True))
+            ckpt.save(k, value, **fields(site, started, True, fp))
         finally:
             _release(lease)
         return value
 
     async def finish(
-        ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any], lease: Lease | None
+        ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any], lease: Lease | None,
+        fp: dict[str, Any] | None,
     ) -> Any:
         try:
             value = await pending
-            ckpt.save(k, value, **fields(site, started, True))
+            ckpt.save(k, value, **fields(site, started, True, fp))
         finally:
             _release(lease)
         return value
@@ -316,7 +378,7 @@ def make_wrapper(
         k = _resolve_key(key, fn, args, kwargs, site)
         if is_coro_fn:
             return run_async(ckpt, k, site, args, kwargs)
-        found, value, meta = ckpt.lookup(k)
+        found, value, meta, fp = prepare(ckpt, k, args, kwargs)
         lease = None
         if not found and ckpt.dedup:
             lease, (found, value, meta) = ckpt.claim(k)
@@ -328,9 +390,9 @@ def make_wrapper(
             if inspect.isawaitable(ret):
                 # A plain function that returned an awaitable: like the reference,
                 # save what it resolves to, and hand back an awaitable on hits.
-                pending, lease = finish(ckpt, k, site, started, ret, lease), None
+                pending, lease = finish(ckpt, k, site, started, ret, lease, fp), None
                 return pending
-            ckpt.save(k, ret, **fields(site, started, False))
+            ckpt.save(k, ret, **fields(site, started, False, fp))
         finally:
             _release(lease)
         return ret
