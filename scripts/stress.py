@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Run the fault-injection tests in their long versions and print the reliability table.
+
+The tests in tests/test_durability.py and tests/test_faults.py are the single
+implementation of every scenario; CI runs them short, this script scales them
+up through environment variables and collects the figures they print.
+
+    python scripts/stress.py                  # long run (about 30-40 minutes)
+    python scripts/stress.py --quick          # CI-sized, a few minutes
+    python scripts/stress.py --markdown docs/reliability-table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = {
+    "AI2_KIT_KILL_TRIALS": "200",
+    "AI2_KIT_KILL_BIG_BYTES": str(50_000_000),
+    "AI2_KIT_LOAD_SECONDS": "30",
+    "AI2_KIT_DAMAGE_TRIALS": "200",
+}
+TESTS = [
+    "tests/test_durability.py::test_sigkill_during_writes_loses_nothing",
+    "tests/test_durability.py::test_sigkill_during_overwrites_keeps_a_complete_value",
+    "tests/test_faults.py",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI-sized trials")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("-k", default="", help="pytest -k expression to select scenarios or stores")
+    args = parser.parse_args()
+    env = dict(os.environ)
+    if not args.quick:
+        env.update(LONG)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *TESTS]
+    if args.k:
+        cmd += ["-k", args.k]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    rows: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RELIABILITY ") or " RELIABILITY " in line:
+            row = json.loads(line.split("RELIABILITY ", 1)[1])
+            agg = rows[(row["scenario"], row["store"])]
+            for field in ("trials", "faults", "acknowledged", "lost"):
+                agg[field] += row[field]
+    table = ["| scenario | store | trials | faults injected | entries acknowledged | entries lost |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for (scenario, store), agg in sorted(rows.items()):
+        table.append(f"| {scenario} | {store} | {agg['trials']} | {agg['faults']} | "
+                     f"{agg['acknowledged']} | {agg['lost']} |")
+    print("\n".join(table))
+    summary = proc.stdout.strip().splitlines()[-1:] or ["(no pytest summary)"]
+    print(f"\npytest: {summary[0]}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("\n".join(table) + "\n")
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:], proc.stderr[-3000:], file=sys.stderr)
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
