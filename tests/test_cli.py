@@ -302,7 +302,7 @@ def test_listing_showing_removing_never_unpickle(tmp_path: Path, kind: str) -> N
         assert not marker.exists()
         for argv in (["ls"], ["ls", "-v"], ["ls", "--json"], ["ls", "--tree"], ["ls", "bomb"],
                      ["show", "bomb"], ["show", "bomb", "--json"], ["rm", "other", "--dry-run"],
-                     ["rm", "other", "--yes"]):
+                     ["verify"], ["rm", "other", "--yes"]):
             r = cli("load", str(location), "-", *argv)
             assert r.code == 0, (argv, r.err)
             assert not marker.exists(), f"{argv} unpickled a value"
@@ -312,6 +312,51 @@ def test_listing_showing_removing_never_unpickle(tmp_path: Path, kind: str) -> N
     finally:
         if cleanup is not None:
             cleanup[0](cleanup[1], cleanup[2])
+
+
+# -- verify ------
+@pytest.mark.parametrize("kind", ["sqlite", "directory"])
+def test_verify_finds_damage_and_salvages(tmp_path: Path, kind: str) -> None:
+    path = make_store(tmp_path, kind, name="store")
+    r = cli("verify", str(path))
+    assert r.code == 0 and f"{len(KEYS)} entries checked, 0 damaged." in r.out
+    # Flip a byte of one stored value.
+    if kind == "directory":
+        victim = path / "time_consuming_step.ckpt"
+        data = bytearray(victim.read_bytes())
+        data[-3] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        conn = sqlite3.connect(path)
+        (blob,) = conn.execute("SELECT value FROM entries WHERE key='time_consuming_step'").fetchone()
+        data = bytearray(blob)
+        data[-3] ^= 0xFF
+        conn.execute("UPDATE entries SET value=? WHERE key='time_consuming_step'", (bytes(data),))
+        conn.commit()
+        conn.close()
+    r = cli("load", str(path), "-", "verify")
+    assert r.code == 1
+    assert "1 damaged" in r.out and "damaged: time_consuming_step: " in r.out
+    assert "--salvage NEW" in one_error_line(r.err)
+    new = tmp_path / "salvaged"
+    r = cli("verify", str(path), "--salvage", str(new))
+    assert r.code == 0 and f"Salvaged {len(KEYS) - 1} entries" in r.out
+    assert "not salvaged: time_consuming_step" in r.err
+    with open_for_check(new) as s:
+        assert s.keys() == sorted(set(KEYS) - {"time_consuming_step"})
+    r = cli("verify", str(path), "--salvage", str(new))
+    assert r.code == 1 and "already exists" in one_error_line(r.err)
+
+
+def test_verify_checks_entries_that_migrate_wrote(tmp_path: Path) -> None:
+    path = make_store(tmp_path, "reference-dir")
+    assert cli("migrate", str(path)).code == 0
+    victim = path / "time_consuming_step.ckpt"
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = cli("verify", str(path))
+    assert r.code == 1 and "damaged: time_consuming_step" in r.out
 
 
 # -- migrate ------
@@ -495,7 +540,7 @@ def test_rm_of_a_read_only_store_is_one_line(tmp_path: Path) -> None:
 
 
 # -- help ------
-@pytest.mark.parametrize("command", ["load", "ls", "show", "rm", "migrate"])
+@pytest.mark.parametrize("command", ["load", "ls", "show", "rm", "verify", "migrate"])
 def test_every_command_has_help_with_an_example(command: str) -> None:
     for argv in ([command, "--help"], ["load", "F", "-", command, "-h"], ["help", command]):
         r = cli(*argv)
@@ -510,7 +555,7 @@ def test_group_help() -> None:
         r = cli(*argv)
         assert r.code == 0
         assert "load ./path/to/checkpoint.pkl - rm \"iters-000/deepmd\"" in r.out
-        for name in ("load", "ls", "show", "rm", "migrate"):
+        for name in ("load", "ls", "show", "rm", "verify", "migrate"):
             assert f"  {name} " in r.out
 
 

@@ -25,7 +25,7 @@ class Tool(NamedTuple):
 TOOLS: dict[str, Tool] = {
     "checkpoint": Tool(
         "ai2_kit.core.checkpoint.cli",
-        "list, show, remove and migrate checkpoint entries (ls, show, rm, migrate)",
+        "list, show, remove, verify and migrate checkpoint entries",
     ),
 }
 

@@ -413,7 +413,10 @@ def _migrate_dir(path: str) -> MigrationReport:
                 report.failed.append((key, "disappeared during migration (kept in the backup)"))
                 continue
             fields = {name: hit.meta.get(name) for name in ("fn_name", "call_site", "is_awaitable")}
-            store.put(key, hit.value, legacy="reference-dir", created=hit.meta.get("created"), **fields)
+            # 'migrated_from', not 'legacy': Store.verify skips entries marked
+            # legacy, and these are now checksummed entries of our own.
+            store.put(key, hit.value, migrated_from="reference-dir", created=hit.meta.get("created"),
+                      **fields)
             got = store.get_meta(key)
             if got is None or "crc32" not in got:
                 report.failed.append((key, "not found in the new format after writing it"))

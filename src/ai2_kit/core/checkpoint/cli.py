@@ -1,4 +1,4 @@
-"""``ai2-kit tool checkpoint ...``: list, show, remove and migrate checkpoint entries.
+"""``ai2-kit tool checkpoint ...``: list, show, remove, verify and migrate checkpoint entries.
 
 The seed's lines work verbatim, in python-fire's chaining grammar::
 
@@ -33,6 +33,7 @@ import errno
 import io
 import json
 import logging
+import os
 import pprint
 import shlex
 import sys
@@ -44,9 +45,9 @@ import fire
 from fire import decorators as fire_decorators
 from fire.core import FireExit
 
-from . import _ops
+from . import _maintenance, _ops
 from ._errors import CheckpointError, NewerFormatError
-from .stores import Store, is_postgres_url
+from .stores import Store, is_postgres_url, open_store
 
 __all__ = ["run", "PROG", "CheckpointTool"]
 
@@ -191,6 +192,28 @@ examples:
   {PROG} load ./checkpoint.pkl - rm "iters-000/deepmd"
   {PROG} load ./checkpoint.pkl - rm "iters-00[3-9]/*" --exclude "*/cp2k/*" --yes
   {PROG} rm ./checkpoint.pkl "iters-003" --dry-run
+""",
+    ),
+    "verify": _Command(
+        "verify", (), 0,
+        options={"--salvage": "salvage"},
+        summary="check every entry's bytes; --salvage NEW copies the readable ones",
+        help=f"""\
+usage: {PROG} load STORE - verify [--salvage NEW]
+       {PROG} verify STORE [--salvage NEW]
+
+Check every entry's checksum (and signature, where the store signs), and for a
+single-file store the database's own structure. Nothing is unpickled and
+nothing is changed. The exit status is 1 when something is damaged.
+
+options:
+  --salvage NEW   copy every readable entry into a new store at NEW (the same
+                  kind as STORE); the damaged store is left as it is. Copying
+                  reads the values, so it unpickles them.
+
+examples:
+  {PROG} load ./checkpoint.pkl - verify
+  {PROG} verify ./checkpoint.pkl --salvage ./checkpoint-salvaged.pkl
 """,
     ),
     "migrate": _Command(
@@ -687,6 +710,40 @@ class CheckpointTool:
         if not answer:
             self._err.write("\n")
         return answer.strip().lower() in ("y", "yes")
+
+    @fire_decorators.SetParseFn(_str)
+    def verify(self, salvage: str | None = None) -> CheckpointTool:
+        """Check a store (see ``--help``)."""
+        self._ran = True
+        store = self._open()
+        report = _maintenance.verify_store(store)
+        self._emit(f"{store.location}: {_entries(report.entries)} checked, {len(report.damaged)} damaged.")
+        for key, reason in sorted(report.damaged.items()):
+            self._emit(f"  damaged: {_printable(key)}: {_one_line(reason)}")
+        for problem in report.store_problems:
+            self._emit(f"  store problem: {_one_line(problem)}")
+        if report.orphan_files:
+            self._emit(f"  {len(report.orphan_files)} side files belong to no entry "
+                       "(left by a writer killed mid-save; harmless)")
+        if salvage is not None:
+            if not salvage or os.path.lexists(salvage):
+                raise CommandError(f"--salvage needs a new path; {salvage!r} already exists")
+            prefer = "dir" if store.kind == "directory" else "file"
+            with open_store(salvage, prefer=prefer) as dst:
+                copied = _maintenance.salvage(store, dst)
+                where = dst.location
+            self._emit(f"Salvaged {_entries(len(copied.copied))} into {where}; "
+                       f"{len(copied.failed)} could not be read.")
+            for key, reason in sorted(copied.failed.items()):
+                self._note(f"  not salvaged: {_printable(key)}: {_one_line(reason)}")
+            return self
+        if not report.ok:
+            raise CommandError(
+                f"{store.location} is damaged. Remove the damaged entries so their steps run again "
+                f"({PROG} load {shlex.quote(self._shown())} - rm KEY), or copy the readable ones to "
+                f"a new store with: {PROG} verify {shlex.quote(self._shown())} --salvage NEW"
+            )
+        return self
 
     def migrate(self) -> CheckpointTool:
         """Convert a reference-format store (see ``--help``)."""
