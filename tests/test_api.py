@@ -335,9 +335,10 @@ def test_newer_format_opens_read_only(tmp_path: Path, caplog: pytest.LogCaptureF
     conn.commit()
     conn.close()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        store = SQLiteStore(str(path))
+        store = Checkpointer(path).store  # the checkpointer says so in the log
     try:
         assert store.readonly and "99" in store.readonly_reason
+        assert isinstance(store.newer_format, NewerFormatError) and store.newer_format.found == 99
         assert store.lookup("k") is not None
         with pytest.raises(CheckpointError, match="newer"):
             store.put("k2", 2)

@@ -142,11 +142,11 @@ def test_unusual_keys(store: Store, key: str) -> None:
 
 
 @pytest.mark.parametrize("key", ["", "/etc/passwd", "../x", "a/../../b", "a//b", "a/./b", "a/", "nul\x00",
-                                 ".", "..", 5, None, b"bytes"])
+                                 ".", "..", 5, None, b"bytes", "x" * 1025, "\ud800"])
 def test_bad_keys_are_refused(store: Store, key: Any) -> None:
     with pytest.raises(InvalidKeyError) as info:
         store.put(key, 1)
-    assert repr(key) in str(info.value)
+    assert repr(key)[:30] in str(info.value)
     with pytest.raises(InvalidKeyError):
         store.lookup(key)
     with pytest.raises(InvalidKeyError):

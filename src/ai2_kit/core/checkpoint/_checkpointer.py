@@ -115,6 +115,8 @@ class Checkpointer:
         elif signing_key is not None:
             store.set_signing_key(signing_key)
         self.store: Store = store
+        if store.newer_format is not None:
+            logger.warning("%s", store.newer_format)
         self.strict = strict
         self.dedup = (self.store.kind == "postgres") if dedup is None else bool(dedup)
         self.lease = float(lease)

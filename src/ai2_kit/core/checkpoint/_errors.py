@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 __all__ = [
     "CheckpointError",
     "InvalidKeyError",
@@ -29,7 +31,7 @@ class InvalidKeyError(CheckpointError, ValueError):
         super().__init__(
             f"invalid checkpoint key {key!r}: {reason}. Keys are non-empty strings "
             "of '/'-separated parts such as 'iters-000/deepmd/red'; no part may be "
-            "empty, '.' or '..', and NUL is not allowed."
+            "empty, '.' or '..', and NUL and control characters are not allowed."
         )
 
 
@@ -103,7 +105,7 @@ class CorruptEntryError(CheckpointError):
         self.reason = reason
         super().__init__(
             f"checkpoint entry {key!r} in {location!r} is damaged: {reason}. "
-            f"Remove it (ai2-kit tool checkpoint load {location} - rm {key!r}) "
+            f"Remove it (ai2-kit tool checkpoint load {shlex.quote(location)} - rm {shlex.quote(key)}) "
             "so the step runs again, or run 'verify' to salvage the rest."
         )
 

@@ -8,9 +8,14 @@ from typing import Callable
 
 from ._errors import InvalidKeyError
 
-__all__ = ["validate_key", "is_glob", "key_matcher", "prefix_of"]
+__all__ = ["validate_key", "is_glob", "key_matcher", "prefix_of", "MAX_KEY_BYTES"]
 
 _GLOB_CHARS = frozenset("*?[")
+#: Longest key, in UTF-8 bytes: every engine indexes keys (PostgreSQL's
+#: b-tree refuses entries over about 2.7 KB), so all share one limit.
+MAX_KEY_BYTES = 1024
+# Control characters break line-by-line listings and shell use of keys.
+_CONTROL = re.compile("[\x01-\x1f\x7f]")
 
 
 def validate_key(key: object) -> str:
@@ -25,6 +30,8 @@ def validate_key(key: object) -> str:
         raise InvalidKeyError(key, "the key is empty")
     if "\x00" in key:
         raise InvalidKeyError(key, "the key contains a NUL character")
+    if _CONTROL.search(key):
+        raise InvalidKeyError(key, "the key contains a control character (newline, tab, ...)")
     if key.startswith("/"):
         raise InvalidKeyError(key, "absolute keys are not allowed")
     for part in key.split("/"):
@@ -33,9 +40,11 @@ def validate_key(key: object) -> str:
         if part in (".", ".."):
             raise InvalidKeyError(key, f"the part {part!r} is not allowed")
     try:
-        key.encode("utf-8")
+        size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidKeyError(key, "the key is not valid unicode (lone surrogate)") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidKeyError(key[:40] + "...", f"the key is {size} bytes long; the limit is {MAX_KEY_BYTES}")
     return key
 
 

@@ -20,28 +20,20 @@ but not ``iters-000/deepmd-old``); with them it is a glob over whole keys.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
-from urllib.parse import quote
 
-from ._errors import CheckpointError, NewerFormatError, ReadOnlyStoreError, StoreOpenError
+from ._errors import CheckpointError, ReadOnlyStoreError, StoreOpenError
 from ._keys import key_matcher
 from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
-from .stores._base import FORMAT_VERSION
-from .stores._directory import MARKER
 from .stores._legacy import LegacyFileStore, load_legacy_file
-from .stores._sqlite import APPLICATION_ID, SQLITE_MAGIC
 
 __all__ = [
     "Exclude",
     "open_existing",
-    "newer_format",
     "iter_select",
     "select",
     "remove",
@@ -77,9 +69,7 @@ def open_existing(location: Any, *, readonly: bool = False, allow_newer: bool = 
     """
     if is_postgres_url(location):
         store = open_store(location, readonly=readonly)
-        if not allow_newer:
-            _refuse_newer(store)
-        return store
+        return _refuse_newer(store) if not allow_newer else store
     if not isinstance(location, (str, os.PathLike)):
         raise StoreOpenError(repr(location), "a store location must be a path or a postgresql:// URL")
     path = os.path.abspath(os.fspath(location))
@@ -88,60 +78,16 @@ def open_existing(location: Any, *, readonly: bool = False, allow_newer: bool = 
     if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
         # os.walk skips unreadable folders silently; an empty listing would lie.
         raise StoreOpenError(path, "permission denied", "Check the directory's permissions")
-    if not allow_newer:
-        err = newer_format(path)
-        if err is not None:
-            raise err
-    return open_store(path, readonly=readonly)
+    store = open_store(path, readonly=readonly)
+    return _refuse_newer(store) if not allow_newer else store
 
 
-def newer_format(path: str) -> NewerFormatError | None:
-    """The ``NewerFormatError`` a file or directory store at ``path`` would carry, else None.
-
-    Looked up before opening, because the stores open such a store read-only
-    and log a warning, where a tool wants one clear error instead. Reads only
-    the format number: ``PRAGMA user_version`` of our SQLite files, the
-    marker file of our directories.
-    """
-    path = os.path.abspath(path)
-    found, writer = 0, ""
-    if os.path.isdir(path):
-        try:
-            with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-                info = json.load(f)
-            found, writer = int(info["format"]), str(info.get("created_by", ""))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # no marker, or the store reports its damage itself
-    else:
-        try:
-            with open(path, "rb") as f:
-                if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                    return None
-            conn = sqlite3.connect("file:" + quote(path) + "?mode=ro", uri=True)
-        except (OSError, sqlite3.Error):
-            return None
-        try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            found = conn.execute("PRAGMA user_version").fetchone()[0]
-            if app_id != APPLICATION_ID:
-                return None
-            with contextlib.suppress(sqlite3.Error):
-                row = conn.execute("SELECT value FROM store_info WHERE name='created_by'").fetchone()
-                writer = str(row[0]) if row else ""
-        except sqlite3.Error:
-            return None
-        finally:
-            conn.close()
-    if found > FORMAT_VERSION:
-        return NewerFormatError(path, found, FORMAT_VERSION, writer)
-    return None
-
-
-def _refuse_newer(store: Store) -> None:
-    # Stores keep the reason they opened read-only as text only.
-    if store.readonly and "is newer than this library" in store.readonly_reason:
+def _refuse_newer(store: Store) -> Store:
+    err = store.newer_format
+    if err is not None:
         store.close()
-        raise StoreOpenError(store.location, store.readonly_reason)
+        raise err
+    return store
 
 
 def _exclude_matcher(exclude: Exclude) -> Any:

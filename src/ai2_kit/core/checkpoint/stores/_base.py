@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode
-from .._errors import CorruptEntryError, ReadOnlyStoreError, SaveError, SignatureMismatchError
+from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, SaveError, SignatureMismatchError
 from .._keys import key_matcher, prefix_of, validate_key
 
 __all__ = ["Store", "Hit", "FORMAT_VERSION", "library_version"]
@@ -91,6 +91,9 @@ class Store(ABC):
 
     kind: str = "abstract"
     supports_claims: bool = False
+    #: Errors that mean "try again later" (a dropped connection), not damage:
+    #: they propagate as they are instead of becoming CorruptEntryError.
+    transient_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, location: str, *, readonly: bool = False, readonly_reason: str = "") -> None:
         self.location = location
@@ -98,6 +101,8 @@ class Store(ABC):
         self.readonly_reason = readonly_reason or "opened read-only"
         self.closed = False
         self.signer: Signer | None = None
+        #: Set when the store was written by a newer library (opened read-only).
+        self.newer_format: NewerFormatError | None = None
 
     def set_signing_key(self, secret: bytes | str | None) -> None:
         """Sign every new entry, and refuse entries without a valid MAC, with ``secret``."""
@@ -176,7 +181,9 @@ class Store(ABC):
             raise
         except SignatureError as e:
             raise SignatureMismatchError(self.location, key, f"{e}; it was not unpickled") from e
-        except Exception as e:  # any failure to read or unpickle is damage
+        except self.transient_errors:
+            raise
+        except Exception as e:  # any other failure to read or unpickle is damage
             raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
 
     def verify(self, key: str) -> str | None:
@@ -187,8 +194,8 @@ class Store(ABC):
         """
         try:
             meta = self.get_meta(key)
-            if meta is None or meta.get("legacy"):
-                return None
+            if meta is None or ("crc32" not in meta and "damaged" not in meta):
+                return None  # missing, or a reference-format file (no checksum to check)
             if "damaged" in meta:
                 return str(meta["damaged"])
             with checking_only():

@@ -107,7 +107,7 @@ class DirectoryStore(Store):
                 ) from e
             if found > FORMAT_VERSION:
                 err = NewerFormatError(path, found, FORMAT_VERSION, str(info.get("created_by", "")))
-                self.readonly, self.readonly_reason = True, str(err)
+                self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
             self._marker_ok = True
         if not self.readonly and not os.access(path, os.W_OK):
             self.readonly, self.readonly_reason = True, "no write permission on the directory"
@@ -345,7 +345,12 @@ class DirectoryStore(Store):
             folders = prefix.rsplit("/", 1)[0].split("/")
             if all(_quote(p) == p for p in folders):
                 top = os.path.join(self.root, *folders)
-        for dirpath, dirnames, filenames in os.walk(top):
+        def unreadable(e: OSError) -> None:
+            # A folder we may not read would silently hide its entries.
+            raise StoreOpenError(e.filename or self.root, f"cannot read a folder of the store ({e.strerror})",
+                                 "Check the permissions of the store's folders")
+
+        for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, self.root)
             rel_parts = [] if rel == "." else rel.split(os.sep)

@@ -66,7 +66,8 @@ def migrate_legacy_file(path: str) -> tuple[SQLiteStore, str | None, int]:
     someone else migrated, number of entries).
     """
     path = os.path.abspath(path)
-    lock_path = path + ".migrate.lock"
+    head, tail = os.path.split(path)
+    lock_path = os.path.join(head, f".{tail}.migrate.lock")
     with open(lock_path, "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
@@ -106,6 +107,10 @@ def migrate_legacy_file(path: str) -> tuple[SQLiteStore, str | None, int]:
                 "the original is kept at %s",
                 path, len(data), backup,
             )
+            # Safe to remove while locked: whoever locks the old inode next
+            # re-checks the header above and finds the SQLite store.
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
             return SQLiteStore(path), backup, len(data)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

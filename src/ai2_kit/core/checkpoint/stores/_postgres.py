@@ -174,6 +174,8 @@ class PostgresStore(Store):
 
     kind = "postgres"
     supports_claims = True
+    # A dropped connection while reading chunks is not a damaged entry.
+    transient_errors = (psycopg.OperationalError,)
 
     def __init__(
         self,
@@ -348,8 +350,7 @@ class PostgresStore(Store):
             ) from None
         if version > FORMAT_VERSION:
             err = NewerFormatError(self.location, version, FORMAT_VERSION, info.get("created_by", ""))
-            logger.warning("%s", err)
-            self.readonly, self.readonly_reason = True, str(err)
+            self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
 
     def _read_info(self, conn: psycopg.Connection[Any]) -> dict[str, str] | None:
         try:

@@ -196,8 +196,7 @@ class SQLiteStore(Store):
             )
         if version > FORMAT_VERSION:
             err = NewerFormatError(self.path, version, FORMAT_VERSION, self._info("created_by"))
-            logger.warning("%s", err)
-            self.readonly, self.readonly_reason = True, str(err)
+            self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
             return
         if not self.readonly:
             self._set_journal_mode(conn)
