@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from ai2_kit.core.checkpoint import (
+    Checkpointer,
     CorruptEntryError,
     NotACheckpointStoreError,
     ReadOnlyStoreError,
@@ -338,7 +339,7 @@ def test_newer_format_opens_read_only(pg: Any, pg_url: str, schema: str,
     with _admin(pg_url) as conn:
         conn.execute(f"UPDATE \"{schema}\".store_info SET value = '99' WHERE name = 'format'")
     with caplog.at_level(logging.WARNING, logger="ai2_kit.checkpoint"):
-        store = PostgresStore(pg_url, schema=schema)
+        store = Checkpointer(store=PostgresStore(pg_url, schema=schema)).store
     try:
         assert store.readonly and "99" in store.readonly_reason
         assert any("newer" in r.getMessage() for r in caplog.records)
@@ -601,17 +602,22 @@ def test_big_value_is_not_held_twice(pg_url: str, schema: str) -> None:
     assert ratios["get"] < 1.25, ratios
 
 
-def test_failed_put_raises_save_error_and_leaves_the_store_usable(pg: Any) -> None:
-    import random
-    import string
-
+def test_failed_put_raises_save_error_and_leaves_the_store_usable(pg: Any, pg_url: str, schema: str) -> None:
     from ai2_kit.core.checkpoint import SaveError
 
     pg.put("keep", "old")
-    rng = random.Random(7)
-    huge_key = "".join(rng.choice(string.ascii_letters) for _ in range(20000))  # beyond a btree row
+    with _admin(pg_url) as conn:  # the server refuses one key, as a full disk or a constraint would
+        conn.execute(
+            f'CREATE FUNCTION "{schema}".refuse() RETURNS trigger LANGUAGE plpgsql AS '
+            "$$ BEGIN IF NEW.key = 'boom' THEN RAISE EXCEPTION 'refused by the server'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        conn.execute(
+            f'CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON "{schema}".entries '
+            f'FOR EACH ROW EXECUTE FUNCTION "{schema}".refuse()'
+        )
     with pytest.raises(SaveError) as info:
-        pg.put(huge_key, 1)
-    assert "index row" in str(info.value)
+        pg.put("boom", 1)
+    assert "refused by the server" in str(info.value)
     pg.put("keep", "new")
     assert _value(pg, "keep") == "new" and pg.keys() == ["keep"]
