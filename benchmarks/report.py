@@ -237,7 +237,8 @@ def section_w4(res: Results) -> str:
         "Load: a fresh process calls the step again (or np.load), once with the store's files "
         "dropped from the page cache (cold: `os.sync()` then `posix_fadvise(DONTNEED)`), once "
         "right after reading them through (warm). Memory: (peak RSS - RSS after imports) / array "
-        "size, so 1.00x is the array alone.",
+        f"size, so 1.00x is the array alone. Fastest of {res.meta.get('w4_repeat', 1)} rounds "
+        "(each a fresh process per step; every round's times are in the results JSON).",
         "",
         table(["contender", "save s", "x np.save", "x np.save+fsync", "load cold s", "x np.load cold",
                "load warm s", "x np.load warm", "save memory / array", "load memory / array", "equal"],

@@ -128,15 +128,26 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
                         records.append(run_worker("cli", "W3cli", a.w3_n, tmp, budget=a.budget))
                 shutil.rmtree(tmp, ignore_errors=True)
         if "W4" in only:
-            log(f"W4 one array of {a.w4_mb} MB")
-            for c in big:
-                tmp = os.path.join(base_tmp, f"w4-{c}")
-                save = run_worker(c, "W4save", 1, tmp, budget=a.budget, mb=a.w4_mb)
-                records.append(save)
-                if "error" not in save:
-                    for wl in ("W4load", "W4warm"):
-                        records.append(run_worker(c, wl, 1, tmp, budget=a.budget, mb=a.w4_mb))
-                shutil.rmtree(tmp, ignore_errors=True)
+            # One-shot timings of a 512 MB write swing 3x on a shared disk:
+            # rounds over all contenders, and the fastest of each is kept.
+            w4: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for rnd in range(a.repeat):
+                log(f"W4 one array of {a.w4_mb} MB, round {rnd + 1} of {a.repeat}")
+                for c in big:
+                    tmp = os.path.join(base_tmp, f"w4-{c}")
+                    save = run_worker(c, "W4save", 1, tmp, budget=a.budget, mb=a.w4_mb)
+                    w4.setdefault((c, "W4save"), []).append(save)
+                    if "error" not in save:
+                        for wl in ("W4load", "W4warm"):
+                            rec = run_worker(c, wl, 1, tmp, budget=a.budget, mb=a.w4_mb)
+                            w4.setdefault((c, wl), []).append(rec)
+                    shutil.rmtree(tmp, ignore_errors=True)
+            for (_, wl), recs in w4.items():
+                field = "save_s" if wl == "W4save" else "load_s"
+                good = [r for r in recs if "error" not in r]
+                best = dict(min(good, key=lambda r: r[field])) if good else recs[0]
+                best["all_s"] = [r.get(field) for r in recs]
+                records.append(best)
     finally:
         shutil.rmtree(base_tmp, ignore_errors=True)
     return {
@@ -151,6 +162,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
             "budget_s": a.budget,
             "w3": [a.w3_n, a.w3_mb],
             "w4_mb": a.w4_mb,
+            "w4_repeat": a.repeat,
             "tmp": a.tmp or tempfile.gettempdir(),
             "total_s": time.perf_counter() - started,
         },
@@ -169,6 +181,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w3-n", type=int, help="W3 entries (default 200)")
     p.add_argument("--w3-mb", type=float, help="W3 array size in MiB (default 5)")
     p.add_argument("--w4-mb", type=float, help="W4 array size in MiB (default 512)")
+    p.add_argument("--repeat", type=int, help="W4 rounds, the fastest kept (default 3, 1 with --quick)")
+    p.add_argument("--merge", metavar="JSON",
+                   help="keep the records of this earlier results file for the workloads not run now")
     p.add_argument("--tmp", help="where stores are written (default: the system temp dir)")
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="where JSON results go")
     p.add_argument("--out", help="where performance.md and the plot go (default docs/, not with --quick)")
@@ -181,6 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.w3_n = a.w3_n or (10 if q else 200)
     a.w3_mb = a.w3_mb or (1.5 if q else 5.0)
     a.w4_mb = a.w4_mb or (16.0 if q else 512.0)
+    a.repeat = a.repeat or (1 if q else 3)
     if a.out is None and not q:
         a.out = os.path.join(ROOT, "docs")
     return a
@@ -193,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             results = json.load(f)
     else:
         results = run_suite(a)
+        if a.merge:
+            with open(a.merge, encoding="utf-8") as f:
+                old = json.load(f)
+            fresh = {r["workload"] for r in results["records"] if r["workload"] != "rss"}
+            kept = [r for r in old["records"] if r["workload"] not in fresh]
+            results["records"] = kept + [r for r in results["records"] if r["workload"] != "rss"]
+            results["meta"] = {**old["meta"], "merged": results["meta"], "w4_repeat": a.repeat}
         os.makedirs(a.results, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for name in (f"run-{stamp}.json", "latest.json"):
