@@ -6,9 +6,10 @@ import dataclasses
 import logging
 import os
 import sqlite3
-from typing import Iterator
+from typing import Any, Iterator
 
 from ._errors import CheckpointError, CorruptEntryError, StoreDamagedError
+from ._keys import key_matcher
 from .stores import SQLiteStore, Store
 
 __all__ = ["VerifyReport", "CopyReport", "verify_store", "copy_entries", "salvage"]
@@ -95,7 +96,9 @@ def verify_store(store: Store) -> VerifyReport:
     return report
 
 
-def copy_entries(src: Store, dst: Store, pattern: str | None = None, *, overwrite: bool = True) -> CopyReport:
+def copy_entries(
+    src: Store, dst: Store, pattern: str | None = None, *, overwrite: bool = True, exclude: Any = None
+) -> CopyReport:
     """Copy entries (all, or those matching ``pattern``) from ``src`` to ``dst``.
 
     Each value is read (checksum and MAC checked), written, and read back
@@ -104,7 +107,10 @@ def copy_entries(src: Store, dst: Store, pattern: str | None = None, *, overwrit
     read or written is listed in ``failed`` with the reason; the rest go on.
     """
     report = CopyReport()
+    skip = [key_matcher(p) for p in ([exclude] if isinstance(exclude, str) else exclude or [])]
     for key in _keys(src, pattern):
+        if any(m(key) for m in skip):
+            continue
         try:
             if not overwrite and dst.get_meta(key) is not None:
                 report.failed[key] = "already in the destination"

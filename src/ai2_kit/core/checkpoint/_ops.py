@@ -37,6 +37,7 @@ __all__ = [
     "iter_select",
     "select",
     "remove",
+    "created_since",
     "TreeNode",
     "tree",
     "MigrationReport",
@@ -123,6 +124,23 @@ def iter_select(
 def select(store: Store, pattern: str | None = None, exclude: Exclude = None) -> list[dict[str, Any]]:
     """Like ``iter_select``, as a list."""
     return list(iter_select(store, pattern, exclude))
+
+
+def created_since(store: Store, key: str, pattern: str | None = None, exclude: Exclude = None) -> list[str]:
+    """``key`` and every entry created at the same time or after it, oldest first.
+
+    What "redo everything from this step on" removes. Entries without a
+    created time (none written by this library) are left out. Raises
+    ``CheckpointError`` when ``key`` is not in the store.
+    """
+    meta = store.get_meta(key)
+    if meta is None:
+        raise CheckpointError(f"no entry {key!r} in {store.location}; 'ls' shows the keys")
+    since = float(meta.get("created") or 0.0)
+    later = [m for m in iter_select(store, pattern, exclude)
+             if m["key"] == key or float(m.get("created") or -1.0) >= since]
+    later.sort(key=lambda m: (float(m.get("created") or 0.0), m["key"]))
+    return [m["key"] for m in later]
 
 
 def remove(store: Store, pattern: str, exclude: Exclude = None) -> list[str]:

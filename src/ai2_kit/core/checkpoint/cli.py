@@ -162,16 +162,19 @@ examples:
 """,
     ),
     "rm": _Command(
-        "rm", ("pattern",), 1,
+        "rm", ("pattern",), 0,
         flags={"--yes": "yes", "-y": "yes", "--dry-run": "dry_run", "-n": "dry_run"},
-        options={"--exclude": "exclude", "--pattern": "pattern"},
+        options={"--exclude": "exclude", "--pattern": "pattern", "--from": "from_key"},
         repeatable=frozenset({"exclude"}),
         summary="remove entries, e.g. to redo a workflow from some step on",
         help=f"""\
 usage: {PROG} load STORE - rm PATTERN [options]
+       {PROG} load STORE - rm --from KEY [PATTERN] [options]
        {PROG} rm STORE PATTERN [options]
 
 Remove the entries matching PATTERN, so that those steps run again next time.
+With --from KEY, remove KEY and every entry created after it (within PATTERN
+if one is given): "redo everything from this step on".
 No value is unpickled. Matching nothing is reported and is not an error.
 
 When stdin is a terminal, rm shows what will go and asks once. When it is not
@@ -181,6 +184,7 @@ prints every key it removed; use --dry-run to look first.
 options:
   -y, --yes         do not ask
   -n, --dry-run     only show what would be removed
+  --from KEY        KEY and every entry created after it
   --exclude GLOB    keep keys matching GLOB (repeatable)
 
 {_PATTERN_HELP}
@@ -192,6 +196,7 @@ examples:
   {PROG} load ./checkpoint.pkl - rm "iters-000/deepmd"
   {PROG} load ./checkpoint.pkl - rm "iters-00[3-9]/*" --exclude "*/cp2k/*" --yes
   {PROG} rm ./checkpoint.pkl "iters-003" --dry-run
+  {PROG} load ./checkpoint.pkl - rm --from iters-003/label --dry-run
 """,
     ),
     "verify": _Command(
@@ -214,6 +219,34 @@ options:
 examples:
   {PROG} load ./checkpoint.pkl - verify
   {PROG} verify ./checkpoint.pkl --salvage ./checkpoint-salvaged.pkl
+""",
+    ),
+    "copy": _Command(
+        "copy", ("dest", "pattern"), 1,
+        options={"--exclude": "exclude", "--pattern": "pattern", "--dest": "dest"},
+        flags={"--skip-existing": "skip_existing"},
+        repeatable=frozenset({"exclude"}),
+        summary="copy entries into another store (file, directory, postgresql://), verified",
+        help=f"""\
+usage: {PROG} load SRC - copy DEST [PATTERN] [options]
+       {PROG} copy SRC DEST [PATTERN] [options]
+
+Copy entries (all, or those matching PATTERN) from SRC into DEST, for example
+a local file into a shared PostgreSQL store. DEST may be a new path (created
+as the same kind of store as SRC), an existing store, or a postgresql:// URL.
+Each entry is read (checksum checked), written, and read back from DEST
+before it counts; metadata (function, call site, created time, duration,
+fingerprints) is kept. Copying reads the values, so it unpickles them.
+
+options:
+  --exclude GLOB      leave out keys matching GLOB (repeatable)
+  --skip-existing     keep DEST's entry where both stores have a key
+
+{_PATTERN_HELP}
+
+examples:
+  {PROG} load ./checkpoint.pkl - copy postgresql://me@db-host/team
+  {PROG} copy ./checkpoint.pkl ./backup.db "iters-00[0-2]/*"
 """,
     ),
     "migrate": _Command(
@@ -653,17 +686,47 @@ class CheckpointTool:
     @fire_decorators.SetParseFn(_str)
     @fire_decorators.SetParseFn(_bool, "yes", "dry_run")
     @fire_decorators.SetParseFn(json.loads, "exclude")
+    def copy(
+        self, dest: str, pattern: str | None = None, exclude: list[str] | None = None,
+        skip_existing: bool = False,
+    ) -> CheckpointTool:
+        """Copy entries into another store (see ``--help``)."""
+        self._ran = True
+        src = self._open()
+        prefer = "dir" if src.kind == "directory" else "file"
+        with open_store(dest, prefer=prefer) as dst:
+            if not is_postgres_url(dest) and os.path.abspath(dest) == os.path.abspath(str(src.location)):
+                raise UsageError("copy needs a DEST other than the store itself")
+            report = _maintenance.copy_entries(src, dst, pattern or None, overwrite=not skip_existing,
+                                               exclude=exclude)
+            where = dst.location
+        self._emit(f"Copied {_entries(len(report.copied))} from {src.location} to {where}, "
+                   "each read back and checked.")
+        for key, reason in sorted(report.failed.items()):
+            self._note(f"  not copied: {_printable(key)}: {_one_line(reason)}")
+        if report.failed:
+            raise CommandError(f"{_entries(len(report.failed))} could not be copied (listed above)")
+        return self
+
+    @fire_decorators.SetParseFn(_str)
+    @fire_decorators.SetParseFn(_bool, "yes", "dry_run")
+    @fire_decorators.SetParseFn(json.loads, "exclude")
     def rm(
-        self, pattern: str, exclude: list[str] | None = None, yes: bool = False, dry_run: bool = False
+        self, pattern: str | None = None, exclude: list[str] | None = None, yes: bool = False,
+        dry_run: bool = False, from_key: str | None = None,
     ) -> CheckpointTool:
         """Remove entries (see ``--help``)."""
         self._ran = True
-        if not pattern:
-            raise UsageError("rm needs a non-empty PATTERN; use '*' to remove every entry")
+        if not pattern and from_key is None:
+            raise UsageError("rm needs a PATTERN or --from KEY; use '*' to remove every entry")
         # List first with a read-only store: a dry run or a declined prompt
         # must not convert a reference file or touch anything.
         store = self._open(write=False)
-        keys = [m["key"] for m in _ops.iter_select(store, pattern, exclude)]
+        if from_key is not None:
+            keys = _ops.created_since(store, from_key, pattern or None, exclude)
+            pattern = f"--from {from_key}" + (f" {pattern}" if pattern else "")
+        else:
+            keys = [m["key"] for m in _ops.iter_select(store, pattern, exclude)]
         where = store.location
         if not keys:
             excl = " (after --exclude)" if exclude else ""
