@@ -213,38 +213,46 @@ class Checkpointer:
         return True
 
     # -- same-key dedup -----------------------------------------------------------
-    def _new_owner(self) -> str:
-        return f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
-
     def claim(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
         """Wait until ``key`` is ours to compute (a Lease) or someone saved it (a hit)."""
-        owner, delay, waited = self._new_owner(), _POLL_MIN, False
-        while True:
-            if self.store.try_claim(key, owner, self.lease):
-                return Lease(self, key, owner), (False, None, {})
-            if not waited:
-                waited = True
-                logger.info("Waiting for checkpoint %s: another live caller is computing it", key)
-            time.sleep(delay)
-            delay = min(delay * 1.5, _POLL_MAX)
-            hit = self.lookup(key)
-            if hit[0]:
-                return None, hit
+        waiter = _Waiter(self, key)
+        while (done := waiter.attempt()) is None:
+            time.sleep(waiter.delay())
+        return done
 
     async def claim_async(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
         """``claim`` for coroutines: waits with ``asyncio.sleep``."""
-        owner, delay, waited = self._new_owner(), _POLL_MIN, False
-        while True:
-            if self.store.try_claim(key, owner, self.lease):
-                return Lease(self, key, owner), (False, None, {})
-            if not waited:
-                waited = True
-                logger.info("Waiting for checkpoint %s: another live caller is computing it", key)
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, _POLL_MAX)
-            hit = self.lookup(key)
+        waiter = _Waiter(self, key)
+        while (done := waiter.attempt()) is None:
+            await asyncio.sleep(waiter.delay())
+        return done
+
+
+class _Waiter:
+    """One caller's attempts at a key: take the claim, or find the result saved."""
+
+    def __init__(self, ckpt: Checkpointer, key: str) -> None:
+        self.ckpt, self.key = ckpt, key
+        self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+        self.tries = 0
+        self._delay = _POLL_MIN
+
+    def attempt(self) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]] | None:
+        """A lease, a hit, or None (wait and try again)."""
+        if self.tries:
+            hit = self.ckpt.lookup(self.key)
             if hit[0]:
                 return None, hit
+        self.tries += 1
+        if self.ckpt.store.try_claim(self.key, self.owner, self.ckpt.lease):
+            return Lease(self.ckpt, self.key, self.owner), (False, None, {})
+        if self.tries == 1:
+            logger.info("Waiting for checkpoint %s: another live caller is computing it", self.key)
+        return None
+
+    def delay(self) -> float:
+        delay, self._delay = self._delay, min(self._delay * 1.5, _POLL_MAX)
+        return delay
 
 
 _HOST = socket.gethostname()

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 from ._errors import CheckpointError, ReadOnlyStoreError, StoreOpenError
 from ._keys import key_matcher
 from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
-from .stores._legacy import LegacyFileStore, load_legacy_file
+from .stores._legacy import LegacyFileStore, backup_path, load_legacy_file
 
 __all__ = [
     "Exclude",
@@ -249,16 +248,6 @@ class MigrationReport:
         return not self.failed
 
 
-def _backup_name(path: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate = f"{path}.legacy-{stamp}.bak"
-    n = 1
-    while os.path.lexists(candidate):
-        n += 1
-        candidate = f"{path}.legacy-{stamp}-{n}.bak"
-    return candidate
-
-
 def _is_reference_dir_entry(meta: dict[str, Any]) -> bool:
     # A reference per-key file is listed with the few fields the directory
     # store can learn without unpickling it; our own entries always carry a
@@ -362,7 +351,7 @@ def _migrate_dir(path: str) -> MigrationReport:
             return report
         if store.readonly:
             raise ReadOnlyStoreError(path, store.readonly_reason)
-        backup = _backup_name(path)
+        backup = backup_path(path)
         # The whole directory, before anything changes: a failure halfway
         # leaves every original file either in place or in the backup.
         shutil.copytree(path, backup, symlinks=True)

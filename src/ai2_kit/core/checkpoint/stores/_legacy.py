@@ -45,11 +45,12 @@ def load_legacy_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _backup_path(path: str) -> str:
+def backup_path(path: str) -> str:
+    """A new name beside ``path`` for a backup of a reference-format store."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     candidate = f"{path}.legacy-{stamp}.bak"
     n = 1
-    while os.path.exists(candidate):
+    while os.path.lexists(candidate):
         n += 1
         candidate = f"{path}.legacy-{stamp}-{n}.bak"
     return candidate
@@ -76,7 +77,7 @@ def migrate_legacy_file(path: str) -> tuple[SQLiteStore, str | None, int]:
                     store = SQLiteStore(path)
                     return store, None, len(store)
             data = load_legacy_file(path)
-            backup = _backup_path(path)
+            backup = backup_path(path)
             shutil.copy2(path, backup)
             with open(backup, "rb") as f:
                 os.fsync(f.fileno())
