@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import logging
 import os
 import secrets
-import socket
 import sys
 import threading
 import time
@@ -222,6 +220,8 @@ class Checkpointer:
 
     async def claim_async(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
         """``claim`` for coroutines: waits with ``asyncio.sleep``."""
+        import asyncio  # only coroutines that wait need it
+
         waiter = _Waiter(self, key)
         while (done := waiter.attempt()) is None:
             await asyncio.sleep(waiter.delay())
@@ -255,7 +255,7 @@ class _Waiter:
         return delay
 
 
-_HOST = socket.gethostname()
+_HOST = os.uname().nodename
 _POLL_MIN = 0.02
 _POLL_MAX = 1.0
 

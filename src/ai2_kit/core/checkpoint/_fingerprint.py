@@ -60,7 +60,6 @@ import inspect
 import os
 import struct
 import types
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Tuple
 
 from ._errors import CheckpointError
@@ -440,6 +439,8 @@ class _LeafHasher:
 
     def __init__(self, nbytes: int) -> None:
         workers = _workers() if nbytes >= 2 * _LEAF else 1
+        from concurrent.futures import ThreadPoolExecutor  # only for buffers over 16 MiB
+
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
         # Hash leaves in batches: bounded memory when the stream is made of
         # temporary copies (a non-contiguous array), parallel work otherwise.

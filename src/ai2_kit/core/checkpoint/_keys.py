@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from typing import Callable
 
@@ -24,6 +25,17 @@ def validate_key(key: object) -> str:
     >>> validate_key("iters-000/deepmd/red")
     'iters-000/deepmd/red'
     """
+    if type(key) is str:
+        return _validate_str(key)  # cached: a call checks its key several times
+    return _validate(key)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _validate_str(key: str) -> str:
+    return _validate(key)
+
+
+def _validate(key: object) -> str:
     if not isinstance(key, str):
         raise InvalidKeyError(key, f"a key must be a str, not {type(key).__name__}")
     if not key:

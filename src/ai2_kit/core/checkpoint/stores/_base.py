@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
@@ -29,7 +28,10 @@ def library_version() -> str:
     return __version__
 
 
-_HOST = socket.gethostname()
+_VERSION = library_version()
+
+
+_HOST = os.uname().nodename
 
 
 class Hit(NamedTuple):
@@ -254,7 +256,7 @@ class Store(ABC):
             "crc32": encoded.crc,
             "host": _HOST,
             "pid": os.getpid(),
-            "version": library_version(),
+            "version": _VERSION,
         }
         meta.update(fields)
         return meta

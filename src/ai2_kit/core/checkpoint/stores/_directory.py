@@ -6,11 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import struct
 import time
 from typing import Any, Iterator
-
-import cloudpickle
 
 from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, verifier_for, write_all
 from .._errors import InvalidKeyError, NewerFormatError, NotACheckpointStoreError, StoreOpenError
@@ -185,7 +184,7 @@ class DirectoryStore(Store):
 
         def load(signer: Signer | None) -> Any:
             with open(path, "rb") as f:
-                record = cloudpickle.load(f)
+                record = pickle.load(f)  # cloudpickle's output needs no cloudpickle to load
             meta.update(legacy_meta(key, record, meta))
             return unwrap_legacy(key, record)
 

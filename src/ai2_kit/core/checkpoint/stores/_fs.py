@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 
 __all__ = ["fsync_dir", "fs_type", "is_network_fs", "temp_name", "NETWORK_FS"]
 
@@ -61,5 +60,5 @@ def temp_name(final: str) -> str:
     across hosts sharing a file system, so writers never collide.
     """
     head, tail = os.path.split(final)
-    host = socket.gethostname().replace("/", "_")
+    host = os.uname().nodename.replace("/", "_")
     return os.path.join(head, f".{tail}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

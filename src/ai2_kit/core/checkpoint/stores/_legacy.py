@@ -6,11 +6,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import pickle
 import shutil
 import time
 from typing import Any, Iterator
-
-import cloudpickle
 
 from .._codec import Encoded
 from .._errors import NotACheckpointStoreError, StoreOpenError
@@ -28,7 +27,7 @@ def load_legacy_file(path: str) -> dict[str, Any]:
     """Unpickle a reference 2023 checkpoint file: ``{key: record}``."""
     try:
         with open(path, "rb") as f:
-            data = cloudpickle.load(f)
+            data = pickle.load(f)
     except PermissionError as e:
         raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
     except Exception as e:
