@@ -125,12 +125,12 @@ class Checkpointer:
 
     def __call__(
         self, key: Key, disable: bool = False, *, stale: str | None = None
-    ) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """A decorator that checkpoints calls of a function under ``key``.
 
         ``stale`` overrides the checkpointer's policy for these calls.
         """
-        return lambda fn: make_wrapper(fn, key, disable, lambda: self, stale)
+        return lambda fn: make_wrapper(fn, key, disable, lambda: self, stale)  # type: ignore[return-value]
 
     apply = __call__
 
