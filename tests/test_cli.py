@@ -222,7 +222,7 @@ def test_rm_matching_nothing_is_not_an_error(tmp_path: Path) -> None:
     path = str(make_store(tmp_path, "sqlite"))
     r = cli("rm", path, "iters-009")
     assert r.code == 0
-    assert r.out.strip() == f"No entries match 'iters-009' in {path}; nothing removed."
+    assert r.out.strip() == f"No entries matching 'iters-009' in {path}; nothing removed."
 
 
 def test_rm_asks_on_a_terminal(tmp_path: Path) -> None:

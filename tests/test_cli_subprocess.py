@@ -62,7 +62,7 @@ def test_seed_lines_verbatim(tmp_path: Path, kind: str) -> None:
     assert rm.stdout.splitlines() == [
         "removed iters-000/deepmd/neu",
         "removed iters-000/deepmd/red",
-        f"Removed 2 entries matching 'iters-000/deepmd' from {tmp_path}/path/to/checkpoint.pkl.",
+        f"Removed 2 entries (matching 'iters-000/deepmd') from {tmp_path}/path/to/checkpoint.pkl.",
     ]
     assert shell(SEED_LINES[0], tmp_path).stdout.splitlines() == AFTER_RM_DEEPMD
 

@@ -724,13 +724,14 @@ class CheckpointTool:
         store = self._open(write=False)
         if from_key is not None:
             keys = _ops.created_since(store, from_key, pattern or None, exclude)
-            pattern = f"--from {from_key}" + (f" {pattern}" if pattern else "")
+            what = f"{from_key!r} and every entry created after it" + (f" matching {pattern!r}" if pattern else "")
         else:
             keys = [m["key"] for m in _ops.iter_select(store, pattern, exclude)]
+            what = f"matching {pattern!r}"
         where = store.location
         if not keys:
             excl = " (after --exclude)" if exclude else ""
-            self._emit(f"No entries match {pattern!r}{excl} in {where}; nothing removed.")
+            self._emit(f"No entries {what}{excl} in {where}; nothing removed.")
             return self
         if dry_run:
             self._emit(f"Would remove {_entries(len(keys))} from {where}:")
@@ -755,7 +756,7 @@ class CheckpointTool:
         if not shown:
             for line in _shorten(keys):
                 self._emit("removed " + line)
-        self._emit(f"Removed {_entries(len(keys))} matching {pattern!r} from {store.location}.")
+        self._emit(f"Removed {_entries(len(keys))} ({what}) from {store.location}.")
         # A reference 2023 file was converted first: the library logs that
         # with the backup's path, shown as one warning line on stderr.
         return self
