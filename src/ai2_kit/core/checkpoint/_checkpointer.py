@@ -162,13 +162,16 @@ class Checkpointer:
             return False, None, {}
         if hit is None:
             return False, None, {}
-        meta = hit.meta
+        return True, hit.value, hit.meta
+
+    @staticmethod
+    def log_hit(key: str, meta: dict[str, Any]) -> None:
+        """The one INFO line a returned hit gets."""
         dur = meta.get("duration")
         if dur is None:
             logger.info("Hit checkpoint: %s", key)
         else:
             logger.info("Hit checkpoint: %s (the original call took %.3f s)", key, dur)
-        return True, hit.value, meta
 
     def save(self, key: str, value: Any, **fields: Any) -> bool:
         """Save a step's result; on failure warn (or raise in strict mode)."""
@@ -184,7 +187,6 @@ class Checkpointer:
             logger.warning("%s; the result was returned but NOT saved, so the step "
                            "will run again next time", err)
             return False
-
 
     # -- staleness ---------------------------------------------------------------
     def fingerprint(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -352,14 +354,13 @@ def make_wrapper(
         return found, value, meta, fp
 
     async def run_async(ckpt: Checkpointer, k: str, site: str, args: tuple, kwargs: dict) -> Any:
-        found, value, _, fp = prepare(ckpt, k, args, kwargs)
-        if found:
-            return value
+        found, value, meta, fp = prepare(ckpt, k, args, kwargs)
         lease = None
-        if ckpt.dedup:
-            lease, (found, value, _) = await ckpt.claim_async(k)
-            if found:
-                return value
+        if not found and ckpt.dedup:
+            lease, (found, value, meta) = await ckpt.claim_async(k)
+        if found:
+            ckpt.log_hit(k, meta)
+            return value
         try:
             started = time.perf_counter()
             value = await fn(*args, **kwargs)
@@ -393,6 +394,7 @@ def make_wrapper(
         if not found and ckpt.dedup:
             lease, (found, value, meta) = ckpt.claim(k)
         if found:
+            ckpt.log_hit(k, meta)
             return _ready(value) if meta.get("is_awaitable") else value
         try:
             started = time.perf_counter()
