@@ -29,6 +29,9 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 INLINE_MAX = 1 << 20
 BUSY_TIMEOUT_S = 120.0
 
+# ``created`` is a column for people querying the file with SQL, deliberately
+# without an index: every commit would write one more b-tree page, and
+# ``rm --from`` scans the metadata anyway.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key     TEXT PRIMARY KEY NOT NULL,
@@ -37,7 +40,6 @@ CREATE TABLE IF NOT EXISTS entries (
     value   BLOB,
     blob    TEXT
 );
-CREATE INDEX IF NOT EXISTS entries_created ON entries (created);
 CREATE TABLE IF NOT EXISTS store_info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL);
 """
