@@ -82,6 +82,7 @@ def test_sigkill_during_writes_loses_nothing(store_factory: Callable[..., Store]
                 assert store.lookup(meta["key"]) is not None
             if isinstance(store, SQLiteStore):
                 assert store.integrity_check() == []
+                assert store.orphan_blobs() == []  # the dead writer's side file was reclaimed
             # Checked: free the space (long runs write tens of GB otherwise).
             store.delete_many(store.keys(tag))
         finally:

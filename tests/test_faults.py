@@ -377,3 +377,27 @@ def test_cancelled_step_saves_nothing_and_releases_its_claim(store_factory: Call
     other = f"other-{uuid.uuid4().hex}"
     for i in range(8):  # nobody else waits for a claim a cancelled task left behind
         assert ckpt.store.try_claim(f"c/{i}", other, 30)
+
+
+def test_side_files_of_dead_writers_are_reclaimed_live_ones_kept(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.db")
+    with SQLiteStore(path) as store:
+        store.put("big", np.ones(300_000))
+        host = os.uname().nodename
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        blobs = Path(path + ".blobs")
+        files = {
+            "dead": blobs / f"aa.{dead}.{host}.frame",
+            "live": blobs / f"bb.{os.getpid()}.{host}.frame",
+            "old-remote": blobs / "cc.123.other-host.frame",
+            "new-remote": blobs / "dd.123.other-host.frame",
+        }
+        for f in files.values():
+            f.write_bytes(b"partial")
+        os.utime(files["old-remote"], (0, 0))
+    with SQLiteStore(path) as store:  # opening reclaims
+        assert not files["dead"].exists() and not files["old-remote"].exists()
+        assert files["live"].exists() and files["new-remote"].exists()
+        hit = store.lookup("big")
+        assert hit is not None and hit.value.sum() == 300_000  # referenced files stay

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS entries (
     value   BLOB,
     blob    TEXT
 );
+CREATE INDEX IF NOT EXISTS entries_blob ON entries (blob) WHERE blob IS NOT NULL;
 CREATE TABLE IF NOT EXISTS store_info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL);
 """
@@ -202,6 +203,9 @@ class SQLiteStore(Store):
             return
         if not self.readonly:
             self._set_journal_mode(conn)
+            if os.path.isdir(self.blob_dir):
+                # Cheap (one listdir); reclaims what killed writers left behind.
+                self.remove_dead_writers_files()
 
     def _info(self, name: str) -> str:
         with contextlib.suppress(sqlite3.Error):
@@ -255,7 +259,9 @@ class SQLiteStore(Store):
 
     def _write_blob(self, encoded: Encoded) -> str:
         os.makedirs(self.blob_dir, exist_ok=True)
-        name = f"{secrets.token_hex(16)}.frame"
+        # Who wrote it is in the name, so that a side file left by a writer
+        # that died before its commit can be recognised and removed.
+        name = f"{secrets.token_hex(12)}.{os.getpid()}.{_HOST}.frame"
         path = os.path.join(self.blob_dir, name)
         # A unique name that nothing refers to until the row commits: a crash
         # before the commit leaves an orphan file, never a half-written value.
@@ -401,6 +407,39 @@ class SQLiteStore(Store):
         self._local = threading.local()
 
     # -- maintenance ------------------------------------------------------------
+    def remove_dead_writers_files(self, min_age: float = 86400.0) -> list[str]:
+        """Remove side files left by writers that died before committing them.
+
+        A file counts when no entry refers to it and its writer is a process
+        of this host that no longer runs, or (another host's) it is older than
+        ``min_age`` seconds. A live writer's file is never touched, so this is
+        safe while others write. Returns the removed paths.
+        """
+        try:
+            names = [n for n in os.listdir(self.blob_dir) if n.endswith(".frame")]
+        except FileNotFoundError:
+            return []
+        removed = []
+        now = time.time()
+        for name in names:
+            path = os.path.join(self.blob_dir, name)
+            parts = name[: -len(".frame")].split(".", 2)
+            if len(parts) == 3 and parts[2] == _HOST and parts[1].isdigit():
+                if _alive(int(parts[1])):
+                    continue
+            else:
+                try:
+                    if now - os.stat(path).st_mtime < min_age:
+                        continue
+                except FileNotFoundError:
+                    continue
+            used = self._conn().execute("SELECT 1 FROM entries WHERE blob = ?", (name,)).fetchone()
+            if used is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+        return removed
+
     def orphan_blobs(self) -> list[str]:
         """Side files that no entry refers to (a writer was killed before its commit)."""
         try:
@@ -414,6 +453,19 @@ class SQLiteStore(Store):
         """SQLite's own integrity check; an empty list means the file is sound."""
         rows = self._conn().execute("PRAGMA integrity_check").fetchall()
         return [] if rows == [("ok",)] else [r[0] for r in rows]
+
+
+_HOST = os.uname().nodename.replace("/", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def _uri_path(path: str) -> str:
