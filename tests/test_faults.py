@@ -401,3 +401,19 @@ def test_side_files_of_dead_writers_are_reclaimed_live_ones_kept(tmp_path: Path)
         assert files["live"].exists() and files["new-remote"].exists()
         hit = store.lookup("big")
         assert hit is not None and hit.value.sum() == 300_000  # referenced files stay
+
+
+@pytest.mark.parametrize("field", [b'"crc32"', b'"is_awaitable"', b'"key"'])
+def test_damaged_metadata_field_is_damage_not_a_silent_change(tmp_path: Path, field: bytes) -> None:
+    """Found by the long stress run: a flip in the name "crc32" switched the value's check off."""
+    root = tmp_path / "d"
+    with DirectoryStore(str(root)) as store:
+        store.put("k", {"s": "x" * 100}, is_awaitable=False)
+    path = root / "k.ckpt"
+    data = path.read_bytes()
+    assert field in data
+    path.write_bytes(data.replace(field, field[:1] + b"g" + field[2:], 1))
+    with DirectoryStore(str(root)) as store:
+        with pytest.raises(CorruptEntryError, match="metadata record fails its checksum"):
+            store.lookup("k")
+        assert store.keys() == ["k"] and "damaged" in next(iter(store.iter_meta()))

@@ -228,6 +228,7 @@ def test_metadata_is_plain_json_in_the_table(pg: Any, pg_url: str, schema: str) 
             f"SELECT meta, created, meta::jsonb ->> 'key' FROM \"{schema}\".entries WHERE key = 'm/1'"
         ).fetchone()
     meta = json.loads(text)
+    assert len(meta.pop("_crc")) == 8  # the record's own checksum, still plain JSON
     assert meta["key"] == jkey == "m/1" and meta["step"] == "label"
     assert meta["created"] == created and meta["crc32"]
     assert pg.get_meta("m/1") == meta

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,7 +12,7 @@ import cloudpickle
 import pytest
 
 from ai2_kit.core.checkpoint import Checkpointer, SignatureMismatchError, StoreOpenError, set_checkpoint_dir
-from ai2_kit.core.checkpoint._codec import encode
+from ai2_kit.core.checkpoint._codec import encode, meta_from_json, meta_to_json
 from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, Store, open_store
 
 
@@ -64,9 +64,9 @@ def test_tampered_sqlite_entry_is_refused(tmp_path: Path) -> None:
     # An attacker with write access swaps in a payload and fixes the checksum.
     evil = encode(Payload(marker))
     conn = sqlite3.connect(path)
-    meta = json.loads(conn.execute("SELECT meta FROM entries WHERE key='step'").fetchone()[0])
+    meta = meta_from_json(conn.execute("SELECT meta FROM entries WHERE key='step'").fetchone()[0])
     meta["crc32"], meta["size"] = evil.crc, evil.size
-    conn.execute("UPDATE entries SET value=?, meta=? WHERE key='step'", (evil.to_bytes(), json.dumps(meta)))
+    conn.execute("UPDATE entries SET value=?, meta=? WHERE key='step'", (evil.to_bytes(), meta_to_json(meta)))
     conn.commit()
     conn.close()
     with SQLiteStore(str(path)) as store:
@@ -83,7 +83,12 @@ def test_tampered_metadata_is_refused(tmp_path: Path) -> None:
         store.put("step", 42, fn_name="train")
     path = root / "step.ckpt"
     data = path.read_bytes()
-    path.write_bytes(data.replace(b'"fn_name":"train"', b'"fn_name":"trane"'))
+    # A careful attacker rewrites the record with its checksum fixed up.
+    (n,) = struct.unpack_from("<I", data, 4)
+    meta = meta_from_json(data[8 : 8 + n])
+    meta["fn_name"] = "trane"
+    text = meta_to_json(meta).encode()
+    path.write_bytes(data[:4] + struct.pack("<I", len(text)) + text + data[8 + n :])
     with DirectoryStore(str(root)) as store:
         store.set_signing_key("k")
         with pytest.raises(SignatureMismatchError):

@@ -133,7 +133,10 @@ def _parse_header(head: bytes, source: str) -> list[int]:
 
 
 def _check(crc: int, expected: str | None) -> None:
-    if expected is not None and f"{crc:08x}" != expected:
+    if expected is None:
+        # Every entry this library writes records one: its absence is damage.
+        raise ValueError("the entry's metadata has no checksum")
+    if f"{crc:08x}" != expected:
         raise ValueError(f"checksum mismatch (stored {expected}, computed {crc:08x})")
 
 
@@ -251,13 +254,35 @@ def _read_exact(f: BinaryIO, n: int, source: str) -> bytes:
     return data
 
 
+_META_HEAD = '{"_crc":"'
+
+
 def meta_to_json(meta: dict[str, Any]) -> str:
-    """Serialize a metadata record (sorted keys, so it is stable for MACs)."""
-    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Serialize a metadata record, with a CRC-32 of itself as its first field.
+
+    Keys are sorted (stable for MACs). The record checks itself because a
+    damaged field is as dangerous as a damaged value: a flipped byte in
+    ``"crc32"`` would otherwise switch the value's check off, and one in
+    ``"is_awaitable"`` would change what a hit returns. The checksum stays
+    inside valid JSON (``{"_crc":"...",...}``) so SQL users can still query it.
+    """
+    body = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if body == "{}":
+        return f'{_META_HEAD}{zlib.crc32(body.encode("utf-8")):08x}"}}'
+    return f'{_META_HEAD}{zlib.crc32(body.encode("utf-8")):08x}",{body[1:]}'
 
 
 def meta_from_json(text: str | bytes) -> dict[str, Any]:
-    meta = json.loads(text)
+    """Check and parse a record written by ``meta_to_json``; ValueError on damage."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    n = len(_META_HEAD)
+    if not text.startswith(_META_HEAD) or text[n + 8 : n + 10] not in ('",', '"}'):
+        raise ValueError("the metadata record has no checksum header")
+    body = "{" + text[n + 10 :] if text[n + 8 : n + 10] == '",' else "{}"
+    if f"{zlib.crc32(body.encode('utf-8', 'surrogatepass')):08x}" != text[n : n + 8]:
+        raise ValueError("the metadata record fails its checksum")
+    meta = json.loads(body)
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a JSON object")
     return meta

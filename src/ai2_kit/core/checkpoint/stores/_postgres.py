@@ -577,8 +577,11 @@ class PostgresStore(Store):
                 return conn.execute(q, p).fetchall()
 
             rows = self._run(page)
-            for _key, text in rows:
-                yield meta_from_json(text)
+            for key, text in rows:
+                try:
+                    yield meta_from_json(text)
+                except ValueError as e:  # listing goes on past one damaged record
+                    yield {"key": key, "damaged": f"unreadable metadata ({e})"}
             if len(rows) < PAGE_SIZE:
                 return
             op, bound = ">", rows[-1][0]

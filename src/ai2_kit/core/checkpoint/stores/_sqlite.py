@@ -144,6 +144,9 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
+        # A damaged byte in a text column must surface as a damaged entry
+        # (the metadata checksum then fails), not as a decoding error.
+        conn.text_factory = _lenient_text
         return conn
 
     def _connect_readonly(self) -> sqlite3.Connection:
@@ -456,6 +459,10 @@ class SQLiteStore(Store):
 
 
 _HOST = os.uname().nodename.replace("/", "_")
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 def _alive(pid: int) -> bool:
