@@ -42,7 +42,8 @@ def main() -> int:
     env = dict(os.environ)
     if not args.quick:
         env.update(LONG)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *TESTS]
+    # No per-test timeout: 200 kill trials of one store take several minutes.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "timeout=0", *TESTS]
     if args.k:
         cmd += ["-k", args.k]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -64,6 +65,11 @@ def main() -> int:
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write("\n".join(table) + "\n")
+    log = os.path.join(ROOT, "benchmarks", "results", "stress.log")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(proc.stdout + proc.stderr)
+    print(f"full pytest output: {log}")
     if proc.returncode != 0:
         print(proc.stdout[-5000:], proc.stderr[-3000:], file=sys.stderr)
     return proc.returncode
