@@ -33,12 +33,35 @@ TESTS = [
 ]
 
 
+def make_table(output: str) -> list[str]:
+    """The markdown table from the RELIABILITY rows in pytest's output."""
+    rows: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for line in output.splitlines():
+        # With -q, a row may follow the progress dots on the same line.
+        if "RELIABILITY {" in line:
+            row = json.loads(line.split("RELIABILITY ", 1)[1])
+            agg = rows[(row["scenario"], row["store"])]
+            for field in ("trials", "faults", "acknowledged", "lost"):
+                agg[field] += row[field]
+    table = ["| scenario | store | trials | faults injected | entries acknowledged | entries lost |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for (scenario, store), agg in rows.items():
+        table.append(f"| {scenario} | {store} | {agg['trials']:,} | {agg['faults']:,} | "
+                     f"{agg['acknowledged']:,} | {agg['lost']:,} |")
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized trials")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("-k", default="", help="pytest -k expression to select scenarios or stores")
+    parser.add_argument("--parse", metavar="LOG", help="only rebuild the table from a saved stress.log")
     args = parser.parse_args()
+    if args.parse:
+        with open(args.parse, encoding="utf-8") as f:
+            print("\n".join(make_table(f.read())))
+        return 0
     env = dict(os.environ)
     if not args.quick:
         env.update(LONG)
@@ -47,18 +70,7 @@ def main() -> int:
     if args.k:
         cmd += ["-k", args.k]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    rows: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RELIABILITY ") or " RELIABILITY " in line:
-            row = json.loads(line.split("RELIABILITY ", 1)[1])
-            agg = rows[(row["scenario"], row["store"])]
-            for field in ("trials", "faults", "acknowledged", "lost"):
-                agg[field] += row[field]
-    table = ["| scenario | store | trials | faults injected | entries acknowledged | entries lost |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for (scenario, store), agg in sorted(rows.items()):
-        table.append(f"| {scenario} | {store} | {agg['trials']} | {agg['faults']} | "
-                     f"{agg['acknowledged']} | {agg['lost']} |")
+    table = make_table(proc.stdout)
     print("\n".join(table))
     summary = proc.stdout.strip().splitlines()[-1:] or ["(no pytest summary)"]
     print(f"\npytest: {summary[0]}")

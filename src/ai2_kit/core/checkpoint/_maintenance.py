@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from ._errors import CheckpointError, CorruptEntryError, StoreDamagedError
 from ._keys import key_matcher
-from .stores import SQLiteStore, Store
+from .stores import DirectoryStore, SQLiteStore, Store
 
 __all__ = ["VerifyReport", "CopyReport", "verify_store", "copy_entries", "salvage"]
 
@@ -85,6 +85,8 @@ def verify_store(store: Store) -> VerifyReport:
         except sqlite3.DatabaseError as e:
             report.store_problems.append(str(e))
         report.orphan_files.extend(store.orphan_blobs())
+    if isinstance(store, DirectoryStore):
+        report.orphan_files.extend(store.leftover_temp_files())
     try:
         for key in _keys(store, None):
             report.entries += 1

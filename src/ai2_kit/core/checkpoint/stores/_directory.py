@@ -31,6 +31,16 @@ def is_pickle_head(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _quote(part: str) -> str:
     # '%' first, then anything that would make the name hidden or look like
     # one of our own entry files, so that every key maps to one file and back.
@@ -327,6 +337,43 @@ class DirectoryStore(Store):
         if held is not None and held.get("owner") == owner:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    # -- leftovers of killed writers ---------------------------------------------
+    def leftover_temp_files(self, min_age: float = 86400.0) -> list[str]:
+        """Temporary files whose writer died (a dead pid of this host, or old and from another host).
+
+        Listing ignores them; this finds them so they can be removed. It walks
+        the whole tree, so it is not run on every open.
+        """
+        host = os.uname().nodename.replace("/", "_")
+        now = time.time()
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not (name.startswith(".") and name.endswith(".tmp")):
+                    continue
+                head, pid, _token, _ = name.rsplit(".", 3) if name.count(".") >= 4 else ("", "", "", "")
+                path = os.path.join(dirpath, name)
+                if head.endswith("." + host) and pid.isdigit():
+                    if _pid_alive(int(pid)):
+                        continue
+                else:
+                    try:
+                        if now - os.stat(path).st_mtime < min_age:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                found.append(path)
+        return sorted(found)
+
+    def remove_dead_writers_files(self, min_age: float = 86400.0) -> list[str]:
+        """Remove what ``leftover_temp_files`` finds; returns the removed paths."""
+        removed = []
+        for path in self.leftover_temp_files(min_age):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        return removed
 
     # -- listing ----------------------------------------------------------------
     def _scan(self, prefix: str) -> list[tuple[str, str, bool]]:
