@@ -20,6 +20,7 @@ import json
 import mmap
 import pickle
 import struct
+import sys
 import threading
 import zlib
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -238,11 +239,16 @@ def read_frame(f: BinaryIO, expected_crc: str | None, source: str, verifier: Ver
 def _buffer(length: int) -> Any:
     """Writable memory for one part.
 
-    Large parts get anonymous mmap memory: the kernel hands out zero pages
-    lazily, where ``bytearray(n)`` would first write n zero bytes that
-    ``readinto`` then overwrites (a third of a 512 MB load's time).
+    Large parts are not zero-filled first (``bytearray(n)`` writes n zeros
+    that ``readinto`` then overwrites). Where numpy is already loaded (the
+    usual case for a large part: it is an array) its allocator is used: it
+    asks the kernel for huge pages, which made a warm 512 MB load 2.5x
+    faster than anonymous mmap memory here.
     """
     if length >= _MMAP_MIN:
+        np = sys.modules.get("numpy")
+        if np is not None:
+            return np.empty(length, dtype=np.uint8)
         return mmap.mmap(-1, length)
     return bytearray(length)
 
