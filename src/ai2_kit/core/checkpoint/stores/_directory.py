@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, verifier_for, write_all
 from .._errors import InvalidKeyError, NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
-from ._fs import fsync_dir, temp_name
+from ._fs import HOST, fsync_dir, left_by_dead_writer, temp_name
 
 __all__ = ["DirectoryStore", "ENTRY_MAGIC", "MARKER", "legacy_meta", "is_pickle_head"]
 
@@ -29,16 +29,6 @@ _MAX_NAME = 250  # bytes; most file systems allow 255 per name
 def is_pickle_head(head: bytes) -> bool:
     """True for the start of a pickle of protocol 2 or newer (what cloudpickle writes)."""
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _quote(part: str) -> str:
@@ -345,25 +335,17 @@ class DirectoryStore(Store):
         Listing ignores them; this finds them so they can be removed. It walks
         the whole tree, so it is not run on every open.
         """
-        host = os.uname().nodename.replace("/", "_")
-        now = time.time()
         found = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if not (name.startswith(".") and name.endswith(".tmp")):
                     continue
+                # .{name}.{host}.{pid}.{token}.tmp, where name and host may hold dots
                 head, pid, _token, _ = name.rsplit(".", 3) if name.count(".") >= 4 else ("", "", "", "")
+                host = HOST if head.endswith("." + HOST) else ""
                 path = os.path.join(dirpath, name)
-                if head.endswith("." + host) and pid.isdigit():
-                    if _pid_alive(int(pid)):
-                        continue
-                else:
-                    try:
-                        if now - os.stat(path).st_mtime < min_age:
-                            continue
-                    except FileNotFoundError:
-                        continue
-                found.append(path)
+                if left_by_dead_writer(path, host, pid, min_age):
+                    found.append(path)
         return sorted(found)
 
     def remove_dead_writers_files(self, min_age: float = 86400.0) -> list[str]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
-__all__ = ["fsync_dir", "fs_type", "is_network_fs", "temp_name", "NETWORK_FS"]
+__all__ = ["fsync_dir", "fs_type", "is_network_fs", "temp_name", "NETWORK_FS", "HOST", "left_by_dead_writer"]
+
+#: This host's name as it appears in the names of files we write.
+HOST = os.uname().nodename.replace("/", "_")
 
 #: File systems where SQLite's WAL (shared memory) and POSIX locks cannot be
 #: trusted across hosts; the SQLite store falls back to a rollback journal.
@@ -60,5 +64,24 @@ def temp_name(final: str) -> str:
     across hosts sharing a file system, so writers never collide.
     """
     head, tail = os.path.split(final)
-    host = os.uname().nodename.replace("/", "_")
-    return os.path.join(head, f".{tail}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return os.path.join(head, f".{tail}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def left_by_dead_writer(path: str, host: str, pid: str, min_age: float) -> bool:
+    """Whether a file named after its writer (``host``, ``pid``) was left by one that is gone.
+
+    On this host the process table answers; for another host's writer only
+    age can, so the file must be older than ``min_age`` seconds.
+    """
+    if host == HOST and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # another user's live process
+        return False
+    try:
+        return time.time() - os.stat(path).st_mtime >= min_age
+    except FileNotFoundError:
+        return False

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
-from ._fs import fsync_dir, is_network_fs, temp_name
+from ._fs import HOST, fsync_dir, is_network_fs, left_by_dead_writer, temp_name
 
 __all__ = ["SQLiteStore", "APPLICATION_ID", "SQLITE_MAGIC", "INLINE_MAX"]
 
@@ -264,7 +264,7 @@ class SQLiteStore(Store):
         os.makedirs(self.blob_dir, exist_ok=True)
         # Who wrote it is in the name, so that a side file left by a writer
         # that died before its commit can be recognised and removed.
-        name = f"{secrets.token_hex(12)}.{os.getpid()}.{_HOST}.frame"
+        name = f"{secrets.token_hex(12)}.{os.getpid()}.{HOST}.frame"
         path = os.path.join(self.blob_dir, name)
         # A unique name that nothing refers to until the row commits: a crash
         # before the commit leaves an orphan file, never a half-written value.
@@ -423,19 +423,12 @@ class SQLiteStore(Store):
         except FileNotFoundError:
             return []
         removed = []
-        now = time.time()
         for name in names:
             path = os.path.join(self.blob_dir, name)
             parts = name[: -len(".frame")].split(".", 2)
-            if len(parts) == 3 and parts[2] == _HOST and parts[1].isdigit():
-                if _alive(int(parts[1])):
-                    continue
-            else:
-                try:
-                    if now - os.stat(path).st_mtime < min_age:
-                        continue
-                except FileNotFoundError:
-                    continue
+            host, pid = (parts[2], parts[1]) if len(parts) == 3 else ("", "")
+            if not left_by_dead_writer(path, host, pid, min_age):
+                continue
             used = self._conn().execute("SELECT 1 FROM entries WHERE blob = ?", (name,)).fetchone()
             if used is None:
                 with contextlib.suppress(FileNotFoundError):
@@ -458,21 +451,8 @@ class SQLiteStore(Store):
         return [] if rows == [("ok",)] else [r[0] for r in rows]
 
 
-_HOST = os.uname().nodename.replace("/", "_")
-
-
 def _lenient_text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
 
 
 def _uri_path(path: str) -> str:
