@@ -16,6 +16,7 @@ from ._errors import CorruptEntryError, SaveError
 from ._fingerprint import compare, describe, fingerprint
 from ._keys import validate_key
 from .stores import Store, open_store
+from .stores._fs import HOST
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -235,7 +236,7 @@ class _Waiter:
 
     def __init__(self, ckpt: Checkpointer, key: str) -> None:
         self.ckpt, self.key = ckpt, key
-        self.owner = f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+        self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(6)}"
         self.tries = 0
         self._delay = _POLL_MIN
 
@@ -257,7 +258,6 @@ class _Waiter:
         return delay
 
 
-_HOST = os.uname().nodename
 _POLL_MIN = 0.02
 _POLL_MAX = 1.0
 

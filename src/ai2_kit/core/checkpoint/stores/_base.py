@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode
 from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, SaveError, SignatureMismatchError
 from .._keys import key_matcher, prefix_of, validate_key
+from ._fs import HOST
 
 __all__ = ["Store", "Hit", "FORMAT_VERSION", "library_version"]
 
@@ -31,7 +32,6 @@ def library_version() -> str:
 _VERSION = library_version()
 
 
-_HOST = os.uname().nodename
 
 
 class Hit(NamedTuple):
@@ -254,7 +254,7 @@ class Store(ABC):
             "created": time.time(),
             "size": encoded.size,
             "crc32": encoded.crc,
-            "host": _HOST,
+            "host": HOST,
             "pid": os.getpid(),
             "version": _VERSION,
         }
