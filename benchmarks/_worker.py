@@ -438,7 +438,7 @@ def w3_ls(c: Contender, n: int) -> dict[str, Any]:
 # its own peak memory on exit (RUSAGE_CHILDREN would include this worker's).
 _CLI = """
 import sys
-from ai2_kit.main import main
+from ai2_kit.core.checkpoint._main import main
 try:
     rc = main(sys.argv[1:])
 finally:

@@ -32,7 +32,7 @@ from ai2_kit.core.checkpoint import (
 )
 from ai2_kit.core.checkpoint.stores import SQLiteStore
 
-LOGGER = "ai2_kit.checkpoint"
+LOGGER = "ai2_kit.core.checkpoint"
 
 
 @pytest.fixture(params=["file", "dir"])
@@ -422,7 +422,7 @@ def test_library_configures_no_logging() -> None:
     code = (
         "import logging, ai2_kit.core.checkpoint as c\n"
         "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
-        "assert not logging.getLogger('ai2_kit.checkpoint').handlers\n"
+        "assert not logging.getLogger('ai2_kit.core.checkpoint').handlers\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

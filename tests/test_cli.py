@@ -6,12 +6,13 @@ import doctest
 import json
 import logging
 import os
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from ai2_kit import main as main_module
+from ai2_kit.core.checkpoint import _main as main_module
 from ai2_kit.core.checkpoint import _ops
 from ai2_kit.core.checkpoint import cli as cli_module
 from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, open_store
@@ -143,8 +144,8 @@ def test_ls_verbose_of_a_reference_dir_needs_no_unpickling(tmp_path: Path) -> No
     assert "(reference 2024 file)" in r.out
 
 
-def test_fire_value_parsing_cannot_change_keys(tmp_path: Path) -> None:
-    """Fire would read 1_000 as 1000, [ab] as a list and a#b as 'a' (a comment)."""
+def test_values_reach_the_store_as_typed(tmp_path: Path) -> None:
+    """No conversion: python-fire, used before, read 1_000 as 1000, [ab] as a list and a#b as 'a'."""
     keys = ["a", "a#b", "1_000", "True", "[ab]", "-dash", "x,y"]
     path = str(make_store(tmp_path, "sqlite", keys))
     assert cli("ls", path, "1_000").out.splitlines() == ["1_000"]
@@ -647,3 +648,46 @@ def test_seed_lines_on_postgres() -> None:
         _drop_pg_schema(url, schema)
     r = cli("load", f"{url}{'&' if '?' in url else '?'}schema=t_cli_absent", "-", "ls")
     assert r.code == 1 and "t_cli_absent" in one_error_line(r.err)
+
+
+# -- the parser: each option declared once, shown in the help, with its --no- form ------
+SAMPLE_ARGS = {"load": [], "ls": [], "show": ["k"], "rm": ["k"], "verify": [], "copy": ["D"], "migrate": []}
+
+
+@pytest.mark.parametrize("command", list(SAMPLE_ARGS))
+def test_every_option_in_the_help_is_accepted(command: str) -> None:
+    text = cli_module.command_help(command)
+    rows = re.findall(r"^  (-\S.*?)  ", text.split("options:\n", 1)[1], re.M) if "options:\n" in text else []
+    if command not in ("load", "migrate", "verify"):
+        assert rows, text
+    head = ["load", "F", "-", command, *SAMPLE_ARGS[command]] if command != "load" else ["load"]
+    for row in rows:
+        for form in (f.strip() for f in row.split(",")):
+            name, _, metavar = form.partition(" ")
+            name, _, value = name.partition("=")
+            if name.startswith("--[no-]"):
+                on = cli_module.parse([*head, "--" + name[7:]]).steps[-1].kwargs
+                off = cli_module.parse([*head, "--" + name[7:], "--no-" + name[7:]]).steps[-1].kwargs
+                assert [k for k, v in on.items() if v is True] and on != off, (form, on, off)
+            elif name.startswith("-") and not (metavar or value):
+                assert cli_module.parse([*head, name]).steps, form
+            else:
+                extra = ["--tree"] if name == "--depth" else []
+                # The --NAME=VALUE form of a positional replaces it.
+                base = head[:4] if {"show": "--key", "rm": "--pattern", "copy": "--dest"}.get(command) == name else head
+                kwargs = cli_module.parse([*base, f"{name}=2", *extra]).steps[-1].kwargs
+                assert any(v in ("2", 2, ["2"]) for v in kwargs.values()), (form, kwargs)
+
+
+def test_flags_switch_off_again(tmp_path: Path) -> None:
+    path = str(make_store(tmp_path, "sqlite"))
+    assert cli("ls", path, "--verbose", "--no-verbose").out == cli("ls", path).out
+    r = cli("rm", path, "iters-000", "--dry-run", "--no-dry-run", "--yes")
+    assert r.code == 0 and "Removed 5 entries" in r.out
+
+
+def test_the_whole_line_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    path = str(make_store(tmp_path, "sqlite"))
+    r = cli("load", path, "-", "rm", "iters-000", "--yes", "-", "ls", "--frob")
+    assert r.code == 2 and "'--frob'" in one_error_line(r.err) and r.out == ""
+    assert cli("ls", path).out.splitlines() == sorted(KEYS)  # nothing was removed

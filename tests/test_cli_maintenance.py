@@ -116,3 +116,43 @@ def test_show_prints_fingerprints(tmp_path: Path) -> None:
     code, out, _ = cli("show", path, "t")
     assert code == 0
     assert "fingerprint" in out and "'mlp'" in out and "lr" in out and "code" in out
+
+
+@pytest.fixture
+def dest_with_other_values(workflow: str, tmp_path: Path) -> str:
+    """A destination that already has two of the source's keys, with other values."""
+    dest = str(tmp_path / "dest.db")
+    with Checkpointer(dest) as ckpt:
+        for key in ("iters-000/label", "iters-001/label"):
+            ckpt(key)(lambda: "dest's own")()
+    return dest
+
+
+def _values(location: str) -> dict[str, Any]:
+    with open_store(location) as store:
+        out = {}
+        for key in store.keys():
+            hit = store.lookup(key)
+            assert hit is not None
+            out[key] = hit.value
+        return out
+
+
+def test_copy_replaces_existing_entries_by_default_and_with_no_skip_existing(
+    workflow: str, dest_with_other_values: str
+) -> None:
+    # Through fire, '--no-skip-existing' arrived as the string "False", which
+    # is true: existing entries were kept, and each counted as a failure.
+    code, out, err = cli("copy", workflow, dest_with_other_values, "--no-skip-existing")
+    assert code == 0, err
+    assert "Copied 5 entries" in out
+    assert _values(dest_with_other_values) == {key: i for i, key in enumerate(STEPS)}
+
+
+def test_copy_skip_existing_keeps_them_and_is_not_a_failure(workflow: str, dest_with_other_values: str) -> None:
+    code, out, err = cli("load", workflow, "-", "copy", dest_with_other_values, "--skip-existing")
+    assert code == 0, err  # asked for: a success, with the count reported
+    assert "Copied 3 entries" in out and "Kept 2 entries" in out
+    values = _values(dest_with_other_values)
+    assert values["iters-000/label"] == values["iters-001/label"] == "dest's own"
+    assert values["iters-000/train"] == 1 and len(values) == 5

@@ -134,7 +134,7 @@ def test_disk_full_then_space_back(tmp_path: Path, kind: str, caplog: pytest.Log
         saved, failed = [], []
         for i in range(40):
             key = f"full/k{i:03d}"
-            with caplog.at_level("WARNING", logger="ai2_kit.checkpoint"):
+            with caplog.at_level("WARNING", logger="ai2_kit.core.checkpoint"):
                 value = ckpt(key)(lambda i=i: np.full(100_000, i, np.int32))()
             assert value[0] == i  # the workflow always gets its result
             (saved if ckpt.store.get_meta(key) else failed).append(i)
@@ -164,7 +164,7 @@ def test_read_only_file_system(tmp_path: Path, kind: str, caplog: pytest.LogCapt
         with Checkpointer(location) as ckpt:
             assert ckpt.store.readonly
             assert ckpt("done")(lambda: "rerun")() == {"v": 1}  # hits work
-            with caplog.at_level("WARNING", logger="ai2_kit.checkpoint"):
+            with caplog.at_level("WARNING", logger="ai2_kit.core.checkpoint"):
                 assert ckpt("new")(lambda: 2)() == 2
             assert any("read-only" in r.getMessage() and "'new'" in r.getMessage() for r in caplog.records)
         with Checkpointer(location, strict=True) as ckpt, pytest.raises(SaveError, match="read-only"):

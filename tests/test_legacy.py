@@ -89,7 +89,7 @@ def test_file_era_first_write_migrates_with_backup(tmp_path: Path, caplog: pytes
     write_file_era(path)
     original = path.read_bytes()
     set_checkpoint_file(path)
-    with caplog.at_level(logging.WARNING, logger="ai2_kit.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ai2_kit.core.checkpoint"):
         assert apply_checkpoint("iters-001/new")(lambda: "fresh")() == "fresh"
     backups = sorted(tmp_path.glob("checkpoint.pkl.legacy-*.bak"))
     assert len(backups) == 1 and backups[0].read_bytes() == original

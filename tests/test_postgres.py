@@ -339,7 +339,7 @@ def test_newer_format_opens_read_only(pg: Any, pg_url: str, schema: str,
     pg.put("old", "value")
     with _admin(pg_url) as conn:
         conn.execute(f"UPDATE \"{schema}\".store_info SET value = '99' WHERE name = 'format'")
-    with caplog.at_level(logging.WARNING, logger="ai2_kit.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ai2_kit.core.checkpoint"):
         store = Checkpointer(store=PostgresStore(pg_url, schema=schema)).store
     try:
         assert store.readonly and "99" in store.readonly_reason

@@ -118,7 +118,7 @@ def test_checkpointer_reruns_a_forged_entry_and_signs_it(tmp_path: Path, caplog:
     with DirectoryStore(str(root)) as plain:
         plain.put("step", Payload(marker))
     ckpt = set_checkpoint_dir(root, signing_key="team key")
-    with caplog.at_level(logging.WARNING, logger="ai2_kit.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="ai2_kit.core.checkpoint"):
         assert ckpt("step")(lambda: "recomputed")() == "recomputed"
     assert not marker.exists()
     assert any("'step'" in r.getMessage() and "not signed" in r.getMessage() for r in caplog.records)

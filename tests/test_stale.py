@@ -13,7 +13,7 @@ import pytest
 
 from ai2_kit.core.checkpoint import Checkpointer
 
-LOGGER = "ai2_kit.checkpoint"
+LOGGER = "ai2_kit.core.checkpoint"
 
 
 def stale_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from ._checkpointer import Checkpointer, FnInfo, Key, KeyFn, make_wrapper
+from ._compat import CheckpointService, checkpoint_service
 from ._errors import (
     CheckpointError,
     CorruptEntryError,
@@ -32,10 +34,15 @@ from ._errors import (
 )
 from .stores import DirectoryStore, SQLiteStore, Store, open_store
 
-if TYPE_CHECKING:
+# Defined at run time, not only for type checkers: typing.get_type_hints()
+# on the public functions must find P (the real ai2-kit's tooling and
+# documentation generators call it).
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - Python 3.9
     from typing_extensions import ParamSpec
 
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 __all__ = [
     "set_checkpoint_file",
@@ -46,6 +53,9 @@ __all__ = [
     "reset_checkpoint",
     "FnInfo",
     "KeyFn",
+    "EMPTY",
+    "CheckpointService",
+    "checkpoint_service",
     "Checkpointer",
     "Store",
     "SQLiteStore",
@@ -62,8 +72,13 @@ __all__ = [
     "SignatureMismatchError",
 ]
 
-logger = logging.getLogger("ai2_kit.checkpoint")
+logger = logging.getLogger("ai2_kit.core.checkpoint")
 R = TypeVar("R")
+
+#: The real ai2-kit's marker for "no saved result". Nothing here returns it;
+#: it exists so that code written against ai2-kit 1.1.1 that compares with
+#: it (``if value is EMPTY``) keeps importing and running.
+EMPTY: Any = object()
 
 _default: Checkpointer | None = None
 _default_lock = threading.Lock()
@@ -84,7 +99,7 @@ def _set_default(location: Any, prefer: str, **options: Any) -> Checkpointer:
     return new
 
 
-def set_checkpoint_file(path: str | os.PathLike[str], **options: Any) -> Checkpointer:
+def set_checkpoint_file(path: Union[str, os.PathLike[str]], **options: Any) -> Checkpointer:
     """Turn checkpointing on, with a single-file store at ``path``.
 
     A new path becomes an SQLite store; an existing reference pickle file is
@@ -101,11 +116,15 @@ def set_checkpoint_file(path: str | os.PathLike[str], **options: Any) -> Checkpo
     return _set_default(path, "file", **options)
 
 
-def set_checkpoint_dir(path: str | os.PathLike[str], **options: Any) -> Checkpointer:
-    """Turn checkpointing on, with a directory store (one file per key) at ``path``.
+def set_checkpoint_dir(checkpoint_dir: Union[str, os.PathLike[str]], **options: Any) -> Checkpointer:
+    """Turn checkpointing on, with a directory store (one file per key) at ``checkpoint_dir``.
 
     Safe on NFS and Lustre (no locks); reads the reference's per-key files.
+    The parameter's name is the real ai2-kit's (``checkpoint_dir=``). A file
+    at that path raises ``NotACheckpointStoreError``, which is also a
+    ``FileExistsError`` as the real package's ``os.makedirs`` raised.
     """
+    path = checkpoint_dir
     if os.path.isfile(os.fspath(path)):
         raise NotACheckpointStoreError(
             os.path.abspath(os.fspath(path)), "it is a file",
@@ -114,7 +133,7 @@ def set_checkpoint_dir(path: str | os.PathLike[str], **options: Any) -> Checkpoi
     return _set_default(path, "dir", **options)
 
 
-def get_checkpointer() -> Checkpointer | None:
+def get_checkpointer() -> Optional[Checkpointer]:
     """The default checkpointer, or None when checkpointing is off."""
     return _default
 
@@ -129,7 +148,7 @@ def reset_checkpoint() -> None:
 
 
 def apply_checkpoint(
-    key: Key, disable: bool = False, *, stale: str | None = None
+    key_fn: Key, disable: bool = False, *, stale: Optional[str] = None
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Checkpoint calls of a function under ``key``.
 
@@ -142,7 +161,7 @@ def apply_checkpoint(
     (``"warn"``, ``"rerun"``, ``"ignore"``) overrides the store's policy for
     saved results whose arguments or code changed since (see ``Checkpointer``).
     """
-    return lambda fn: make_wrapper(fn, key, disable, get_checkpointer, stale)  # type: ignore[return-value]
+    return lambda fn: make_wrapper(fn, key_fn, disable, get_checkpointer, stale)  # type: ignore[return-value]
 
 
 def del_checkpoint(key: str) -> bool:

@@ -10,7 +10,7 @@ import secrets
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple, TypeVar, Union
+from typing import Any, Awaitable, Callable, NamedTuple, Optional, TypeVar, Union
 
 from ._errors import CorruptEntryError, SaveError
 from ._fingerprint import compare, describe, fingerprint
@@ -18,14 +18,17 @@ from ._keys import validate_key
 from .stores import Store, open_store
 from .stores._fs import HOST
 
-if TYPE_CHECKING:
+# At run time too, so that typing.get_type_hints() finds P.
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # pragma: no cover - Python 3.9
     from typing_extensions import ParamSpec
 
-    P = ParamSpec("P")
+P = ParamSpec("P")
 
 __all__ = ["FnInfo", "KeyFn", "Checkpointer", "Lease", "make_wrapper"]
 
-logger = logging.getLogger("ai2_kit.checkpoint")
+logger = logging.getLogger("ai2_kit.core.checkpoint")
 R = TypeVar("R")
 
 
@@ -95,13 +98,13 @@ class Checkpointer:
         self,
         location: Any = None,
         *,
-        store: Store | None = None,
+        store: Optional[Store] = None,
         prefer: str = "file",
         strict: bool = False,
         readonly: bool = False,
-        dedup: bool | None = None,
+        dedup: Optional[bool] = None,
         lease: float = 60.0,
-        signing_key: bytes | str | None = None,
+        signing_key: Optional[Union[bytes, str]] = None,
         stale: str = "warn",
     ) -> None:
         if (location is None) == (store is None):
@@ -125,7 +128,7 @@ class Checkpointer:
         return self.store.location
 
     def __call__(
-        self, key: Key, disable: bool = False, *, stale: str | None = None
+        self, key: Key, disable: bool = False, *, stale: Optional[str] = None
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """A decorator that checkpoints calls of a function under ``key``.
 
@@ -190,7 +193,7 @@ class Checkpointer:
             return False
 
     # -- staleness ---------------------------------------------------------------
-    def fingerprint(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    def fingerprint(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Optional[dict[str, Any]]:
         """The fingerprints of a call, or None if fingerprinting itself failed."""
         try:
             return fingerprint(fn, args, kwargs)
@@ -198,7 +201,7 @@ class Checkpointer:
             logger.debug("could not fingerprint a call of %r: %s", fn, e)
             return None
 
-    def accept(self, key: str, meta: dict[str, Any], fp: dict[str, Any] | None, policy: str) -> bool:
+    def accept(self, key: str, meta: dict[str, Any], fp: Optional[dict[str, Any]], policy: str) -> bool:
         """Whether a hit may be returned: compares saved and current fingerprints."""
         old = meta.get("fingerprint")
         if not old or fp is None:
@@ -214,14 +217,14 @@ class Checkpointer:
         return True
 
     # -- same-key dedup -----------------------------------------------------------
-    def claim(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
+    def claim(self, key: str) -> tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]:
         """Wait until ``key`` is ours to compute (a Lease) or someone saved it (a hit)."""
         waiter = _Waiter(self, key)
         while (done := waiter.attempt()) is None:
             time.sleep(waiter.delay())
         return done
 
-    async def claim_async(self, key: str) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]]:
+    async def claim_async(self, key: str) -> tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]:
         """``claim`` for coroutines: waits with ``asyncio.sleep``."""
         import asyncio  # only coroutines that wait need it
 

@@ -52,8 +52,12 @@ class StoreOpenError(CheckpointError, OSError):
         return str(self.args[0])
 
 
-class NotACheckpointStoreError(StoreOpenError):
-    """The location exists but holds something that is not a checkpoint store."""
+class NotACheckpointStoreError(StoreOpenError, FileExistsError):
+    """The location exists but holds something that is not a checkpoint store.
+
+    Also a ``FileExistsError``: the real ai2-kit raised that for a file where
+    its checkpoint folder belongs, and callers written for it catch it.
+    """
 
 
 class NewerFormatError(StoreOpenError):

@@ -14,7 +14,7 @@ from .stores import DirectoryStore, SQLiteStore, Store
 
 __all__ = ["VerifyReport", "CopyReport", "verify_store", "copy_entries", "salvage"]
 
-logger = logging.getLogger("ai2_kit.checkpoint")
+logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 # Fields that describe the stored bytes and are recomputed by the destination.
 _DERIVED = frozenset({"key", "size", "crc32", "format", "mac", "version"})
@@ -41,6 +41,9 @@ class CopyReport:
 
     copied: list[str] = dataclasses.field(default_factory=list)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Keys left alone because the destination had them and ``overwrite=False``
+    #: asked for that: a request fulfilled, not a failure.
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
 
 def _keys(store: Store, pattern: str | None) -> Iterator[str]:
@@ -115,7 +118,7 @@ def copy_entries(
             continue
         try:
             if not overwrite and dst.get_meta(key) is not None:
-                report.failed[key] = "already in the destination"
+                report.skipped.append(key)
                 continue
             hit = src.lookup(key)
             if hit is None:

@@ -1,36 +1,35 @@
-"""``ai2-kit tool checkpoint ...``: list, show, remove, verify and migrate checkpoint entries.
+"""``ai2-kit tool checkpoint ...``: list, show, remove, verify, copy and migrate checkpoint entries.
 
-The seed's lines work verbatim, in python-fire's chaining grammar::
+The seed's lines work verbatim, in their chaining grammar (``-`` separates
+commands that work on the same store)::
 
     ai2-kit tool checkpoint load ./path/to/checkpoint.pkl - ls
     ai2-kit tool checkpoint load ./path/to/checkpoint.pkl - ls --verbose
     ai2-kit tool checkpoint load ./path/to/checkpoint.pkl - rm "iters-000/deepmd"
 
-and so do the conventional forms, with the store as the first argument::
+and so do the conventional forms, with the store as the command's first
+argument::
 
     ai2-kit tool checkpoint ls ./checkpoint.pkl "iters-000/*" --json
 
+``ai2-kit-checkpoint`` takes the same commands.
+
+The line is split at each ``-`` and every segment is parsed by its command's
+own ``argparse`` parser, where each option is declared once, with its help
+(the help text lists the options from those declarations). Every value
+reaches the command as the string that was typed: a key such as ``1_000``,
+``[ab]`` or ``a#b`` is never converted. The whole line is checked before
+anything runs, so a mistake in the last command changes nothing.
+
 Thin by design: each command opens the store, calls one function of the
-library (``_ops``), and formats what it returns. This is the only module
-that imports python-fire.
-
-Fire executes the chain (``load`` returns the tool, ``-`` moves on to the
-next command), but the arguments are checked here first and handed to fire
-in one canonical shape (``--name=value``, every value a plain string),
-because left to itself fire would:
-
-- turn a key into another type (``rm 1_000`` -> 1000, ``rm "[ab]"`` -> a list,
-  ``rm "a#b"`` -> ``"a"``, the ``#`` read as a comment: removing the wrong
-  entries);
-- read ``ls --verbose PATTERN`` as ``verbose=PATTERN``;
-- print usage errors over several lines and help through a pager.
+library (``_ops``, ``_maintenance``), and formats what it returns.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -39,17 +38,13 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator, Sequence
-
-import fire
-from fire import decorators as fire_decorators
-from fire.core import FireExit
+from typing import IO, Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 from . import _maintenance, _ops
 from ._errors import CheckpointError, NewerFormatError
 from .stores import Store, is_postgres_url, open_store
 
-__all__ = ["run", "PROG", "CheckpointTool"]
+__all__ = ["run", "PROG", "CheckpointTool", "parse", "overview", "UsageError", "CommandError"]
 
 PROG = "ai2-kit tool checkpoint"
 
@@ -67,17 +62,76 @@ class CommandError(Exception):
     """A command could not do what was asked (no such key, declined...): exit status 1."""
 
 
-# -- the command table: what each command takes, and its help --------------------------
+# -- declaring a command: its arguments once, for the parser and the help ---------------
+class _Parser(argparse.ArgumentParser):
+    """argparse without its exits: errors become UsageError, help is ours."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+@dataclass
+class _Arg:
+    """A positional argument (``dest``) that may also be given as ``--dest=VALUE``.
+
+    The option form exists for values that start with '-' (``--pattern=-x``),
+    which would otherwise read as options.
+    """
+
+    dest: str
+    metavar: str
+    required: bool
+    help: str
+
+
 @dataclass
 class _Command:
     name: str
-    positionals: tuple[str, ...]  # parameter names, in order
-    required: int  # how many positionals are required
-    flags: dict[str, str] = field(default_factory=dict)  # '--verbose' / '-v' -> parameter (bool)
-    options: dict[str, str] = field(default_factory=dict)  # '--exclude' -> parameter (takes a value)
-    repeatable: frozenset[str] = frozenset()
-    summary: str = ""
-    help: str = ""
+    summary: str
+    usage: list[str]  # forms after '{prog} ', chained first
+    description: str
+    examples: list[str]  # after '{prog} '
+    args: list[_Arg] = field(default_factory=list)
+    # Declares the options on the parser, each with its help.
+    options: Callable[[_Options], None] = lambda o: None
+    footer: str = ""
+
+
+class _Options:
+    """Adds options to a parser and remembers each one's help line."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.rows: list[tuple[str, str]] = []
+
+    def flag(self, *names: str, dest: str, help: str) -> None:
+        """A boolean ``--x``, with ``--no-x`` to switch it off again."""
+        self.parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
+                                 default=False, help=help)
+        shown = ["--[no-]" + n[2:] if n.startswith("--") else n for n in names]
+        self.rows.append((", ".join(shown), help))
+
+    def value(self, *names: str, dest: str, metavar: str, help: str, repeat: bool = False,
+              type: Callable[[str], Any] | None = None) -> None:
+        kw: dict[str, Any] = {"dest": dest, "metavar": metavar, "help": help}
+        if repeat:
+            kw["action"] = "append"
+        if type is not None:
+            kw["type"] = type
+        self.parser.add_argument(*names, **kw)
+        self.rows.append((", ".join(names) + f" {metavar}", help + (" (repeatable)" if repeat else "")))
+
+    def format(self) -> str:
+        if not self.rows:
+            return ""
+        width = max(len(r[0]) for r in self.rows)
+        return "options:\n" + "\n".join(f"  {flags:<{width}}  {text}" for flags, text in self.rows) + "\n"
+
+
+def _depth(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--depth takes a whole number >= 1, not {text!r}")
+    return int(text)
 
 
 _PATTERN_HELP = """\
@@ -85,93 +139,88 @@ patterns:
   A pattern without * ? [ names a key and every key below it: iters-000/deepmd
   matches iters-000/deepmd and iters-000/deepmd/red, not iters-000/deepmd-old.
   With * ? [ it is a glob over whole keys, where * also crosses '/':
-  "iters-00[0-2]/*", "*/deepmd/*". Quote patterns so the shell leaves them alone."""
+  "iters-00[0-2]/*", "*/deepmd/*". Quote patterns so the shell leaves them alone.
+"""
 
-_COMMANDS: dict[str, _Command] = {
-    "load": _Command(
-        "load", ("path",), 1,
-        options={"--path": "path"},
-        summary="choose the store that the following commands work on",
-        help=f"""\
-usage: {PROG} load STORE [- COMMAND ...]
 
+def _ls_options(o: _Options) -> None:
+    o.flag("-v", "--verbose", dest="verbose",
+           help="add created time, duration of the original call, size, function and call site")
+    o.flag("--json", dest="as_json", help="one JSON object per entry (all its metadata), for scripts")
+    o.flag("--tree", dest="as_tree", help="group keys by '/' with entry counts and sizes per level")
+    o.value("--depth", dest="depth", metavar="N", type=_depth, help="with --tree: show N levels")
+    o.value("--exclude", dest="exclude", metavar="GLOB", repeat=True, help="leave out keys matching GLOB")
+
+
+def _show_options(o: _Options) -> None:
+    o.flag("--value", dest="value", help="also print the stored value. This unpickles it, which runs "
+                                         "code from the store: use it only on stores you trust")
+    o.flag("--json", dest="as_json", help="print the metadata as one JSON object")
+
+
+def _rm_options(o: _Options) -> None:
+    o.flag("-y", "--yes", dest="yes", help="do not ask")
+    o.flag("-n", "--dry-run", dest="dry_run", help="only show what would be removed")
+    o.value("--from", dest="from_key", metavar="KEY", help="KEY and every entry created after it")
+    o.value("--exclude", dest="exclude", metavar="GLOB", repeat=True, help="keep keys matching GLOB")
+
+
+def _verify_options(o: _Options) -> None:
+    o.value("--salvage", dest="salvage", metavar="NEW",
+            help="copy every readable entry into a new store at NEW (the same kind as STORE); the "
+                 "damaged store is left as it is. Copying reads the values, so it unpickles them")
+
+
+def _copy_options(o: _Options) -> None:
+    o.flag("--skip-existing", dest="skip_existing",
+           help="keep DEST's entry where both stores have a key (the default replaces it)")
+    o.value("--exclude", dest="exclude", metavar="GLOB", repeat=True, help="leave out keys matching GLOB")
+
+
+_STORE_HELP = "the store: a file, a directory, or a postgresql:// URL"
+_PATTERN_ARG = _Arg("pattern", "PATTERN", False, "the keys to select (see 'patterns' below)")
+
+_COMMANDS: dict[str, _Command] = {c.name: c for c in [
+    _Command(
+        "load", "choose the store that the following commands work on",
+        usage=["load STORE [- COMMAND ...]"],
+        description="""\
 Choose the store the commands after '-' work on. STORE is a single-file store,
 a directory store, a reference 2023 pickle file, a reference 2024 directory,
 or a postgresql:// URL (a path starting with '-' is written --path=-NAME).
 Nothing is read until a command needs it, and nothing
 is ever created: a path that does not exist is an error. On its own, 'load'
-prints a one-line summary of the store.
-
-examples:
-  {PROG} load ./checkpoint.pkl
-  {PROG} load ./checkpoint.pkl - ls
-  {PROG} load ./checkpoint.pkl - rm "iters-000/deepmd" - ls
-""",
+prints a one-line summary of the store.""",
+        args=[_Arg("path", "STORE", True, _STORE_HELP)],
+        examples=["load ./checkpoint.pkl", "load ./checkpoint.pkl - ls",
+                  'load ./checkpoint.pkl - rm "iters-000/deepmd" - ls'],
     ),
-    "ls": _Command(
-        "ls", ("pattern",), 0,
-        flags={"--verbose": "verbose", "-v": "verbose", "--json": "as_json", "--tree": "as_tree"},
-        options={"--exclude": "exclude", "--pattern": "pattern", "--depth": "depth"},
-        repeatable=frozenset({"exclude"}),
-        summary="list keys in sorted order (--verbose, --json, --tree)",
-        help=f"""\
-usage: {PROG} load STORE - ls [PATTERN] [options]
-       {PROG} ls STORE [PATTERN] [options]
-
+    _Command(
+        "ls", "list keys in sorted order (--verbose, --json, --tree)",
+        usage=["load STORE - ls [PATTERN] [options]", "ls STORE [PATTERN] [options]"],
+        description="""\
 List the keys of the store in sorted order, one per line, as they are read
 (a store of any size starts printing at once). Only metadata is read: no value
-is ever unpickled.
-
-options:
-  -v, --verbose     add created time, duration of the original call, size,
-                    function and call site
-  --json            one JSON object per entry (all its metadata), for scripts
-  --tree            group keys by '/' with entry counts and sizes per level
-  --depth N         with --tree: show N levels
-  --exclude GLOB    leave out keys matching GLOB (repeatable)
-
-{_PATTERN_HELP}
-
-examples:
-  {PROG} load ./checkpoint.pkl - ls
-  {PROG} load ./checkpoint.pkl - ls --verbose
-  {PROG} load ./checkpoint.pkl - ls "iters-000/*" --json
-  {PROG} ls ./checkpoint.pkl --tree --depth 2
-""",
+is ever unpickled.""",
+        args=[_PATTERN_ARG], options=_ls_options, footer=_PATTERN_HELP,
+        examples=["load ./checkpoint.pkl - ls", "load ./checkpoint.pkl - ls --verbose",
+                  'load ./checkpoint.pkl - ls "iters-000/*" --json', "ls ./checkpoint.pkl --tree --depth 2"],
     ),
-    "show": _Command(
-        "show", ("key",), 1,
-        flags={"--value": "value", "--json": "as_json"},
-        options={"--key": "key"},
-        summary="all metadata of one entry (--value also prints the value)",
-        help=f"""\
-usage: {PROG} load STORE - show KEY [--value] [--json]
-       {PROG} show STORE KEY [--value] [--json]
-
+    _Command(
+        "show", "all metadata of one entry (--value also prints the value)",
+        usage=["load STORE - show KEY [--value] [--json]", "show STORE KEY [--value] [--json]"],
+        description="""\
 Print every metadata field of one entry: function, call site, created time,
-duration of the original call, size, checksum, host, pid, format.
-
-options:
-  --value   also print the stored value. This unpickles it, which runs code
-            from the store: use it only on stores you trust.
-  --json    print the metadata as one JSON object
-
-examples:
-  {PROG} load ./checkpoint.pkl - show iters-000/deepmd/red
-  {PROG} show ./checkpoint.pkl iters-000/deepmd/red --value
-""",
+duration of the original call, size, checksum, host, pid, format.""",
+        args=[_Arg("key", "KEY", True, "the entry's key (exact, no patterns)")], options=_show_options,
+        examples=["load ./checkpoint.pkl - show iters-000/deepmd/red",
+                  "show ./checkpoint.pkl iters-000/deepmd/red --value"],
     ),
-    "rm": _Command(
-        "rm", ("pattern",), 0,
-        flags={"--yes": "yes", "-y": "yes", "--dry-run": "dry_run", "-n": "dry_run"},
-        options={"--exclude": "exclude", "--pattern": "pattern", "--from": "from_key"},
-        repeatable=frozenset({"exclude"}),
-        summary="remove entries, e.g. to redo a workflow from some step on",
-        help=f"""\
-usage: {PROG} load STORE - rm PATTERN [options]
-       {PROG} load STORE - rm --from KEY [PATTERN] [options]
-       {PROG} rm STORE PATTERN [options]
-
+    _Command(
+        "rm", "remove entries, e.g. to redo a workflow from some step on",
+        usage=["load STORE - rm PATTERN [options]", "load STORE - rm --from KEY [PATTERN] [options]",
+               "rm STORE PATTERN [options]"],
+        description="""\
 Remove the entries matching PATTERN, so that those steps run again next time.
 With --from KEY, remove KEY and every entry created after it (within PATTERN
 if one is given): "redo everything from this step on".
@@ -179,83 +228,48 @@ No value is unpickled. Matching nothing is reported and is not an error.
 
 When stdin is a terminal, rm shows what will go and asks once. When it is not
 (scripts, job files, pipes), it proceeds as the reference tool always did and
-prints every key it removed; use --dry-run to look first.
-
-options:
-  -y, --yes         do not ask
-  -n, --dry-run     only show what would be removed
-  --from KEY        KEY and every entry created after it
-  --exclude GLOB    keep keys matching GLOB (repeatable)
-
-{_PATTERN_HELP}
-
+prints every key it removed; use --dry-run to look first.""",
+        args=[_PATTERN_ARG], options=_rm_options,
+        footer=_PATTERN_HELP + """
 A reference 2023 file is converted to the SQLite format before the first
 removal, with a backup copy written beside it (FILE.legacy-<time>.bak).
-
-examples:
-  {PROG} load ./checkpoint.pkl - rm "iters-000/deepmd"
-  {PROG} load ./checkpoint.pkl - rm "iters-00[3-9]/*" --exclude "*/cp2k/*" --yes
-  {PROG} rm ./checkpoint.pkl "iters-003" --dry-run
-  {PROG} load ./checkpoint.pkl - rm --from iters-003/label --dry-run
 """,
+        examples=['load ./checkpoint.pkl - rm "iters-000/deepmd"',
+                  'load ./checkpoint.pkl - rm "iters-00[3-9]/*" --exclude "*/cp2k/*" --yes',
+                  'rm ./checkpoint.pkl "iters-003" --dry-run',
+                  "load ./checkpoint.pkl - rm --from iters-003/label --dry-run"],
     ),
-    "verify": _Command(
-        "verify", (), 0,
-        options={"--salvage": "salvage"},
-        summary="check every entry's bytes; --salvage NEW copies the readable ones",
-        help=f"""\
-usage: {PROG} load STORE - verify [--salvage NEW]
-       {PROG} verify STORE [--salvage NEW]
-
+    _Command(
+        "verify", "check every entry's bytes; --salvage NEW copies the readable ones",
+        usage=["load STORE - verify [--salvage NEW]", "verify STORE [--salvage NEW]"],
+        description="""\
 Check every entry's checksum (and signature, where the store signs), and for a
 single-file store the database's own structure. Nothing is unpickled and
-nothing is changed. The exit status is 1 when something is damaged.
-
-options:
-  --salvage NEW   copy every readable entry into a new store at NEW (the same
-                  kind as STORE); the damaged store is left as it is. Copying
-                  reads the values, so it unpickles them.
-
-examples:
-  {PROG} load ./checkpoint.pkl - verify
-  {PROG} verify ./checkpoint.pkl --salvage ./checkpoint-salvaged.pkl
-""",
+nothing is changed. The exit status is 1 when something is damaged.""",
+        options=_verify_options,
+        examples=["load ./checkpoint.pkl - verify", "verify ./checkpoint.pkl --salvage ./checkpoint-salvaged.pkl"],
     ),
-    "copy": _Command(
-        "copy", ("dest", "pattern"), 1,
-        options={"--exclude": "exclude", "--pattern": "pattern", "--dest": "dest"},
-        flags={"--skip-existing": "skip_existing"},
-        repeatable=frozenset({"exclude"}),
-        summary="copy entries into another store (file, directory, postgresql://), verified",
-        help=f"""\
-usage: {PROG} load SRC - copy DEST [PATTERN] [options]
-       {PROG} copy SRC DEST [PATTERN] [options]
-
+    _Command(
+        "copy", "copy entries into another store (file, directory, postgresql://), verified",
+        usage=["load SRC - copy DEST [PATTERN] [options]", "copy SRC DEST [PATTERN] [options]"],
+        description="""\
 Copy entries (all, or those matching PATTERN) from SRC into DEST, for example
 a local file into a shared PostgreSQL store. DEST may be a new path (created
 as the same kind of store as SRC), an existing store, or a postgresql:// URL.
 Each entry is read (checksum checked), written, and read back from DEST
 before it counts; metadata (function, call site, created time, duration,
 fingerprints) is kept. Copying reads the values, so it unpickles them.
-
-options:
-  --exclude GLOB      leave out keys matching GLOB (repeatable)
-  --skip-existing     keep DEST's entry where both stores have a key
-
-{_PATTERN_HELP}
-
-examples:
-  {PROG} load ./checkpoint.pkl - copy postgresql://me@db-host/team
-  {PROG} copy ./checkpoint.pkl ./backup.db "iters-00[0-2]/*"
-""",
+Where DEST already has a key, its entry is replaced, unless --skip-existing.""",
+        args=[_Arg("dest", "DEST", True, "the store to copy into"), _PATTERN_ARG],
+        options=_copy_options, footer=_PATTERN_HELP,
+        examples=["load ./checkpoint.pkl - copy postgresql://me@db-host/team",
+                  'copy ./checkpoint.pkl ./backup.db "iters-00[0-2]/*"',
+                  "copy ./checkpoint.pkl ./backup.db --skip-existing"],
     ),
-    "migrate": _Command(
-        "migrate", (), 0,
-        summary="convert a reference-format store to this project's format",
-        help=f"""\
-usage: {PROG} load STORE - migrate
-       {PROG} migrate STORE
-
+    _Command(
+        "migrate", "convert a reference-format store to this project's format",
+        usage=["load STORE - migrate", "migrate STORE"],
+        description="""\
 Convert a store written by the reference design, with a backup first:
   - a 2023 pickle file becomes a single-file (SQLite) store in place; the
     original is kept as FILE.legacy-<time>.bak;
@@ -263,64 +277,93 @@ Convert a store written by the reference design, with a backup first:
     project's entry file, after the whole directory was copied to
     DIR.legacy-<time>.bak.
 Every converted entry is read back and checked; the counts are reported. A
-store already in this project's format is left alone.
-
-examples:
-  {PROG} load ./checkpoint.pkl - migrate
-  {PROG} migrate ./checkpoint-dir
-""",
+store already in this project's format is left alone.""",
+        examples=["load ./checkpoint.pkl - migrate", "migrate ./checkpoint-dir"],
     ),
-}
+]}
 
-_OVERVIEW = f"""\
-usage: {PROG} load STORE - COMMAND [ARGS] [- COMMAND [ARGS] ...]
-       {PROG} COMMAND STORE [ARGS]
+
+def _build(cmd: _Command, prog: str, with_store: bool) -> tuple[_Parser, _Options]:
+    """The parser of one segment; ``with_store``: the store is its first argument."""
+    parser = _Parser(prog=f"{prog} {cmd.name}", add_help=False, allow_abbrev=False)
+    if with_store:
+        parser.add_argument("store", metavar="STORE", nargs="?", help=_STORE_HELP)  # checked below
+    opts = _Options(parser)
+    for a in cmd.args:
+        # Optional for argparse even when required: it may come as --DEST=VALUE
+        # instead; _parse_segment checks that one of the two forms is there.
+        parser.add_argument(a.dest, metavar=a.metavar, nargs="?", help=a.help)
+    cmd.options(opts)
+    for a in cmd.args:
+        # No dest clash: argparse stores the option form under its own name.
+        parser.add_argument(f"--{a.dest}", dest=f"{a.dest}_option", metavar=a.metavar,
+                            help=f"{a.metavar}, for a value that starts with '-'")
+        opts.rows.append((f"--{a.dest}={a.metavar}", f"{a.metavar}, for a value that starts with '-'"))
+    return parser, opts
+
+
+def command_help(name: str, prog: str = PROG) -> str:
+    """The help text of one command: usage, description, options (from the parser), examples."""
+    cmd = _COMMANDS[name]
+    _, opts = _build(cmd, prog, with_store=False)
+    usage = "usage: " + "\n       ".join(f"{prog} {u}" for u in cmd.usage)
+    width = max(len(a.metavar) for a in cmd.args) if cmd.args else 0
+    args = "".join(f"  {a.metavar:<{width}}  {a.help}\n" for a in cmd.args)
+    parts = [usage, "", cmd.description, ""]
+    if args:
+        parts += ["arguments:\n" + args.rstrip("\n"), ""]
+    if opts.rows:
+        parts += [opts.format().rstrip("\n"), ""]
+    if cmd.footer:
+        parts += [cmd.footer.rstrip("\n"), ""]
+    parts += ["examples:"] + [f"  {prog} {e}" for e in cmd.examples]
+    return "\n".join(parts) + "\n"
+
+
+_OVERVIEW = """\
+usage: {prog} load STORE - COMMAND [ARGS] [- COMMAND [ARGS] ...]
+       {prog} COMMAND STORE [ARGS]
 
 Inspect and edit checkpoint stores: single-file and directory stores, the
 reference design's 2023 pickle files and 2024 directories, postgresql:// URLs.
 Listing, showing metadata and removing never unpickle a value.
 
 commands:
-{{commands}}
+{commands}
 
-The first form is python-fire's chaining grammar ('-' separates commands on
-the same store); in the second, the store is the command's first argument.
+In the first form, '-' separates commands that work on the same store; in the
+second, the store is the command's first argument.
 
 examples:
-  {PROG} load ./path/to/checkpoint.pkl - ls
-  {PROG} load ./path/to/checkpoint.pkl - ls --verbose
-  {PROG} load ./path/to/checkpoint.pkl - rm "iters-000/deepmd"
-  {PROG} ls ./path/to/checkpoint.pkl "iters-000/*" --json
-  {PROG} migrate ./path/to/checkpoint.pkl
+  {prog} load ./path/to/checkpoint.pkl - ls
+  {prog} load ./path/to/checkpoint.pkl - ls --verbose
+  {prog} load ./path/to/checkpoint.pkl - rm "iters-000/deepmd"
+  {prog} ls ./path/to/checkpoint.pkl "iters-000/*" --json
+  {prog} migrate ./path/to/checkpoint.pkl
 
-Run '{PROG} COMMAND --help' for the options of a command.
+Run '{prog} COMMAND --help' for the options of a command.
 """
 
 
-def overview() -> str:
+def overview(prog: str = PROG) -> str:
     """The help text of the command group."""
     lines = [f"  {c.name:<9} {c.summary}" for c in _COMMANDS.values()]
-    return _OVERVIEW.format(commands="\n".join(lines))
+    return _OVERVIEW.format(prog=prog, commands="\n".join(lines))
 
 
-# -- argument checking and the canonical form handed to fire ---------------------------
+# -- parsing the line -----------------------------------------------------------------
+@dataclass
+class _Step:
+    """One command of the line, with its arguments as ``CheckpointTool`` takes them."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+
 @dataclass
 class _Plan:
-    fire_args: list[str]
+    steps: list[_Step]
     help: str | None = None
-
-
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
-
-
-def _parse_bool(flag: str, text: str) -> bool:
-    low = text.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise UsageError(f"{flag} takes no value (or true/false), not {text!r}")
 
 
 def _split_chain(argv: Sequence[str]) -> list[list[str]]:
@@ -334,24 +377,78 @@ def _split_chain(argv: Sequence[str]) -> list[list[str]]:
 
 
 def _is_option(tok: str) -> bool:
-    # '-' alone separates commands; '-5' could be a key, but keys never come
-    # first in a segment and options are checked against the table anyway.
     return tok.startswith("-") and tok != "-"
 
 
-def plan(argv: Sequence[str]) -> _Plan:
-    """Check ``argv`` and translate it to fire's canonical arguments.
+def _usage_message(message: str, cmd: _Command, prog: str) -> str:
+    """argparse's wording, made to name the option and the fix."""
+    see = f"see '{prog} {cmd.name} --help'"
+    head, sep, tail = message.partition(": ")
+    if sep and head.startswith("argument "):
+        names = head[len("argument "):].split("/")
+        name = next((n for n in names if n.startswith("--") and not n.startswith("--no-")), names[0])
+        if tail.startswith("expected one argument"):
+            return f"{name} needs a value; {see}"
+        if tail.startswith("ignored explicit argument"):
+            return f"{name} takes no value (use --no-{name.lstrip('-')} to switch it off), not " \
+                   f"{tail.split('argument ', 1)[1]}; {see}"
+        return f"{tail}; {see}" if name in tail else f"{name}: {tail}; {see}"
+    if message.startswith("the following arguments are required"):
+        missing = message.split(": ", 1)[1].split(",")[0].strip()
+        return f"'{cmd.name}' needs {missing}; {see}"
+    return f"{message}; {see}"
+
+
+def _parse_segment(cmd: _Command, tokens: list[str], prog: str, with_store: bool) -> dict[str, Any]:
+    parser, _ = _build(cmd, prog, with_store)
+    # Options first, then positionals, wherever they stand ('ls --json F pat').
+    try:
+        ns, extra = parser.parse_known_intermixed_args(tokens)
+    except UsageError as e:
+        raise UsageError(_usage_message(str(e), cmd, prog)) from None
+    see = f"see '{prog} {cmd.name} --help'"
+    for tok in extra:
+        if _is_option(tok):
+            raise UsageError(f"unknown option {tok.partition('=')[0]!r} for '{cmd.name}'; {see}")
+    if extra:
+        raise UsageError(f"unexpected argument {extra[0]!r} for '{cmd.name}'; {see}")
+    kwargs = vars(ns)
+    for a in cmd.args:
+        given = kwargs.pop(f"{a.dest}_option")
+        if given is not None:
+            if kwargs.get(a.dest) is not None:
+                raise UsageError(f"'{cmd.name}' got {a.metavar} twice")
+            kwargs[a.dest] = given
+    if with_store and kwargs.get("store") is None:
+        raise UsageError(f"'{cmd.name}' needs a store: '{prog} load STORE - {cmd.name} ...' "
+                         f"or '{prog} {cmd.name} STORE ...'")
+    missing = [a for a in cmd.args if a.required and kwargs.get(a.dest) is None]
+    if missing:
+        raise UsageError(f"'{cmd.name}' needs {missing[0].metavar}; {see}")
+    if kwargs.get("depth") is not None and not kwargs.get("as_tree"):
+        raise UsageError("--depth goes with --tree")
+    if kwargs.get("as_tree") and kwargs.get("as_json"):
+        raise UsageError("choose one of --tree and --json")
+    if kwargs.get("yes") and kwargs.get("dry_run"):
+        raise UsageError("choose one of --yes and --dry-run")
+    if cmd.name == "rm" and not kwargs.get("pattern") and kwargs.get("from_key") is None:
+        raise UsageError("rm needs a PATTERN or --from KEY; use '*' to remove every entry")
+    return kwargs
+
+
+def parse(argv: Sequence[str], prog: str = PROG) -> _Plan:
+    """Check the whole line and turn it into steps; nothing runs here.
 
     Raises UsageError with a one-line message naming the word at fault.
     """
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         if len(argv) > 1 and argv[0] == "help" and argv[1] in _COMMANDS:
-            return _Plan([], help=_COMMANDS[argv[1]].help)
-        return _Plan([], help=overview())
+            return _Plan([], help=command_help(argv[1], prog))
+        return _Plan([], help=overview(prog))
     if "--" in argv:
-        # Fire reads what follows '--' as its own flags (--interactive opens a
-        # Python shell, --trace...). None of that belongs in this tool.
+        # '--' would end the options of one segment only, and the chain makes
+        # that ambiguous; values that start with '-' have the --NAME=VALUE form.
         rest = argv[argv.index("--") + 1:]
         if rest in (["--help"], ["-h"]):
             argv = argv[: argv.index("--")] + ["--help"]
@@ -359,103 +456,31 @@ def plan(argv: Sequence[str]) -> _Plan:
             raise UsageError(
                 "'--' is not supported; to name a key that starts with '-', write --pattern=KEY or --key=KEY"
             )
-    out: list[str] = []
+    steps: list[_Step] = []
     have_store = False
-    segments = _split_chain(argv)
-    for i, seg in enumerate(segments):
+    for i, seg in enumerate(_split_chain(argv)):
         if not seg:
             where = "before the first '-'" if i == 0 else "after '-'"
             raise UsageError(f"a command is missing {where}; commands are: {', '.join(_COMMANDS)}")
         word = seg[0]
         if word in ("-h", "--help"):
-            return _Plan([], help=overview())
+            return _Plan([], help=overview(prog))
         cmd = _COMMANDS.get(word)
         if cmd is None:
             kind = "option" if _is_option(word) else "command"
             raise UsageError(
-                f"unknown {kind} {word!r}; commands are: {', '.join(_COMMANDS)}. "
-                f"Try '{PROG} --help'"
+                f"unknown {kind} {word!r}; commands are: {', '.join(_COMMANDS)}. Try '{prog} --help'"
             )
         if "--help" in seg[1:] or "-h" in seg[1:]:
-            return _Plan([], help=cmd.help)
-        positionals, kwargs = _parse_segment(cmd, seg[1:])
-        if cmd.name == "load":
-            have_store = True
-        elif not have_store:
-            # Conventional form: the store is the command's first argument.
-            if not positionals:
-                raise UsageError(
-                    f"'{cmd.name}' needs a store: '{PROG} load STORE - {cmd.name} ...' "
-                    f"or '{PROG} {cmd.name} STORE ...'"
-                )
-            out += ["load", "--path=" + positionals.pop(0), "-"]
-            have_store = True
-        if len(positionals) > len(cmd.positionals):
-            raise UsageError(f"unexpected argument {positionals[len(cmd.positionals)]!r} for '{cmd.name}'")
-        for name, value in zip(cmd.positionals, positionals):
-            if name in kwargs:
-                raise UsageError(f"'{cmd.name}' got {name.upper()} twice")
-            kwargs[name] = value
-        missing = [n for n in cmd.positionals[: cmd.required] if n not in kwargs]
-        if missing:
-            raise UsageError(f"'{cmd.name}' needs {missing[0].upper()}; see '{PROG} {cmd.name} --help'")
-        if "depth" in kwargs and not kwargs.get("as_tree"):
-            raise UsageError("--depth goes with --tree")
-        if kwargs.get("as_tree") and kwargs.get("as_json"):
-            raise UsageError("choose one of --tree and --json")
-        if kwargs.get("yes") and kwargs.get("dry_run"):
-            raise UsageError("choose one of --yes and --dry-run")
-        if out:
-            out.append("-")
-        out.append(cmd.name)
-        for name, value in kwargs.items():
-            # Canonical '--name=value': fire splits at the first '=', so any
-            # value (even one starting with '-') arrives as it was typed.
-            out.append(f"--{name}={_encode(value)}")
-    return _Plan(out)
-
-
-def _encode(value: Any) -> str:
-    if isinstance(value, (bool, int)):
-        return str(value)
-    if isinstance(value, list):
-        return json.dumps(value)
-    return str(value)
-
-
-def _parse_segment(cmd: _Command, tokens: list[str]) -> tuple[list[str], dict[str, Any]]:
-    positionals: list[str] = []
-    kwargs: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        i += 1
-        if not _is_option(tok):
-            positionals.append(tok)
-            continue
-        name, eq, value = tok.partition("=")
-        if name in cmd.flags:
-            kwargs[cmd.flags[name]] = _parse_bool(name, value) if eq else True
-        elif name in cmd.options:
-            param = cmd.options[name]
-            if not eq:
-                if i >= len(tokens) or tokens[i] == "-":
-                    raise UsageError(f"{name} needs a value; see '{PROG} {cmd.name} --help'")
-                value = tokens[i]
-                i += 1
-            if param == "depth":
-                if not value.isdigit() or int(value) < 1:
-                    raise UsageError(f"--depth takes a whole number >= 1, not {value!r}")
-                kwargs[param] = int(value)
-            elif param in cmd.repeatable:
-                kwargs.setdefault(param, []).append(value)
-            else:
-                kwargs[param] = value
-        elif name.startswith("--no-") and "--" + name[5:] in cmd.flags and not eq:
-            kwargs[cmd.flags["--" + name[5:]]] = False
-        else:
-            raise UsageError(f"unknown option {name!r} for '{cmd.name}'; see '{PROG} {cmd.name} --help'")
-    return positionals, kwargs
+            return _Plan([], help=command_help(cmd.name, prog))
+        # Conventional form: without an earlier 'load', the store comes first.
+        with_store = cmd.name != "load" and not have_store
+        kwargs = _parse_segment(cmd, seg[1:], prog, with_store)
+        if with_store:
+            steps.append(_Step("load", {"path": kwargs.pop("store")}))
+        steps.append(_Step(cmd.name, kwargs))
+        have_store = True
+    return _Plan(steps)
 
 
 # -- output helpers ----------------------------------------------------------------------
@@ -500,24 +525,18 @@ def _os_error(e: OSError) -> str:
     return f"{what}:{target}" + (f". {hint}" if hint else "")
 
 
-def _str(value: str) -> str:
-    return value
-
-
-def _bool(value: str) -> bool:
-    return value == "True"
-
-
 # -- the commands -------------------------------------------------------------------------
 class CheckpointTool:
-    """What fire drives: ``load`` picks the store, the other commands act on it.
+    """The commands: ``load`` picks the store, the others act on it.
 
-    Every command returns the tool itself so that commands chain
-    (``load F - rm X --yes - ls``); ``run`` tells fire to print nothing for
-    it, since each command prints its own output as it goes.
+    One method per command, each calling one library function (``_ops``,
+    ``_maintenance``) and printing what it returns as it goes. Every command
+    returns the tool itself, so that a script can chain them as the command
+    line does (``load F - rm X --yes - ls``).
     """
 
-    def __init__(self, out: IO[str], err: IO[str], stdin: IO[str] | None) -> None:
+    def __init__(self, out: IO[str], err: IO[str], stdin: Optional[IO[str]], prog: str = PROG) -> None:
+        self._prog = prog
         self._out = out
         self._err = err
         self._stdin = stdin
@@ -558,8 +577,7 @@ class CheckpointTool:
     def finish(self) -> None:
         """After the chain: a lone ``load`` prints a summary of the store.
 
-        Called as fire's ``serialize`` and returns None, so fire prints
-        nothing itself (it would print to ``sys.stdout``, not to ``out``).
+        Called by ``run`` once every command of the line has run.
         """
         if not self._ran and self._location is not None:
             self._emit(self._summary())
@@ -571,11 +589,10 @@ class CheckpointTool:
         ro = f"; read-only: {store.readonly_reason}" if own else ""
         return (
             f"{store.location}: {store.kind} store, {_entries(len(store))}{ro}\n"
-            f"List them with: {PROG} load {shlex.quote(self._shown())} - ls"
+            f"List them with: {self._prog} load {shlex.quote(self._shown())} - ls"
         )
 
     # -- commands ---------------------------------------------------------------------
-    @fire_decorators.SetParseFn(_str)
     def load(self, path: str) -> CheckpointTool:
         """Choose the store (see ``--help``)."""
         if path != self._location:
@@ -583,18 +600,14 @@ class CheckpointTool:
         self._location = path
         return self
 
-    @fire_decorators.SetParseFn(_str)
-    @fire_decorators.SetParseFn(_bool, "verbose", "as_json", "as_tree")
-    @fire_decorators.SetParseFn(json.loads, "exclude")
-    @fire_decorators.SetParseFn(int, "depth")
     def ls(
         self,
-        pattern: str | None = None,
-        exclude: list[str] | None = None,
+        pattern: Optional[str] = None,
+        exclude: Optional[list[str]] = None,
         verbose: bool = False,
         as_json: bool = False,
         as_tree: bool = False,
-        depth: int | None = None,
+        depth: Optional[int] = None,
     ) -> CheckpointTool:
         """List keys (see ``--help``)."""
         self._ran = True
@@ -642,8 +655,6 @@ class CheckpointTool:
             self._emit(f"{label:<{width}}  {counts:<{cwidth}}  {size:>9}".rstrip())
         return root.count
 
-    @fire_decorators.SetParseFn(_str)
-    @fire_decorators.SetParseFn(_bool, "value", "as_json")
     def show(self, key: str, value: bool = False, as_json: bool = False) -> CheckpointTool:
         """Show one entry (see ``--help``)."""
         self._ran = True
@@ -652,8 +663,8 @@ class CheckpointTool:
         if meta is None:
             below = sum(1 for _ in _ops.iter_select(store, key.rstrip("/") + "/")) if key else 0
             where = shlex.quote(self._shown())
-            hint = (f"; {_entries(below)} below it: {PROG} load {where} - ls {shlex.quote(key)}"
-                    if below else f"; list the keys with: {PROG} load {where} - ls")
+            hint = (f"; {_entries(below)} below it: {self._prog} load {where} - ls {shlex.quote(key)}"
+                    if below else f"; list the keys with: {self._prog} load {where} - ls")
             raise CommandError(f"no entry {key!r} in {store.location}{hint}")
         meta = dict(meta)
         loaded: Any = None
@@ -683,11 +694,8 @@ class CheckpointTool:
             self._emit(pprint.pformat(loaded, width=100))
         return self
 
-    @fire_decorators.SetParseFn(_str)
-    @fire_decorators.SetParseFn(_bool, "yes", "dry_run")
-    @fire_decorators.SetParseFn(json.loads, "exclude")
     def copy(
-        self, dest: str, pattern: str | None = None, exclude: list[str] | None = None,
+        self, dest: str, pattern: Optional[str] = None, exclude: Optional[list[str]] = None,
         skip_existing: bool = False,
     ) -> CheckpointTool:
         """Copy entries into another store (see ``--help``)."""
@@ -702,18 +710,18 @@ class CheckpointTool:
             where = dst.location
         self._emit(f"Copied {_entries(len(report.copied))} from {src.location} to {where}, "
                    "each read back and checked.")
+        if report.skipped:
+            # Asked for with --skip-existing: reported, and not a failure.
+            self._emit(f"Kept {_entries(len(report.skipped))} that {where} already had (--skip-existing).")
         for key, reason in sorted(report.failed.items()):
             self._note(f"  not copied: {_printable(key)}: {_one_line(reason)}")
         if report.failed:
             raise CommandError(f"{_entries(len(report.failed))} could not be copied (listed above)")
         return self
 
-    @fire_decorators.SetParseFn(_str)
-    @fire_decorators.SetParseFn(_bool, "yes", "dry_run")
-    @fire_decorators.SetParseFn(json.loads, "exclude")
     def rm(
-        self, pattern: str | None = None, exclude: list[str] | None = None, yes: bool = False,
-        dry_run: bool = False, from_key: str | None = None,
+        self, pattern: Optional[str] = None, exclude: Optional[list[str]] = None, yes: bool = False,
+        dry_run: bool = False, from_key: Optional[str] = None,
     ) -> CheckpointTool:
         """Remove entries (see ``--help``)."""
         self._ran = True
@@ -775,8 +783,7 @@ class CheckpointTool:
             self._err.write("\n")
         return answer.strip().lower() in ("y", "yes")
 
-    @fire_decorators.SetParseFn(_str)
-    def verify(self, salvage: str | None = None) -> CheckpointTool:
+    def verify(self, salvage: Optional[str] = None) -> CheckpointTool:
         """Check a store (see ``--help``)."""
         self._ran = True
         store = self._open()
@@ -804,8 +811,8 @@ class CheckpointTool:
         if not report.ok:
             raise CommandError(
                 f"{store.location} is damaged. Remove the damaged entries so their steps run again "
-                f"({PROG} load {shlex.quote(self._shown())} - rm KEY), or copy the readable ones to "
-                f"a new store with: {PROG} verify {shlex.quote(self._shown())} --salvage NEW"
+                f"({self._prog} load {shlex.quote(self._shown())} - rm KEY), or copy the readable ones to "
+                f"a new store with: {self._prog} verify {shlex.quote(self._shown())} --salvage NEW"
             )
         return self
 
@@ -874,8 +881,12 @@ _SHOW_FIELDS: list[tuple[str, str, Callable[[Any], str]]] = [
 
 # -- entry point ------------------------------------------------------------------------------
 class _OneLineLogs(logging.Formatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self._prog = prog
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{PROG}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
+        return f"{self._prog}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
 
 
 def _is_migration_log(record: logging.LogRecord) -> bool:
@@ -901,7 +912,7 @@ def _quiet(drop: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _library_logs_to(stream: IO[str]) -> Iterator[None]:
+def _library_logs_to(stream: IO[str], prog: str) -> Iterator[None]:
     """Show the library's warnings as one line each, for this run only.
 
     The CLI is the host application, so it may decide how logs look; the
@@ -910,7 +921,7 @@ def _library_logs_to(stream: IO[str]) -> Iterator[None]:
     logger = logging.getLogger("ai2_kit")
     handler = logging.StreamHandler(stream)
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(_OneLineLogs())
+    handler.setFormatter(_OneLineLogs(prog))
     old_propagate = logger.propagate
     logger.addHandler(handler)
     logger.propagate = False
@@ -924,64 +935,59 @@ def _library_logs_to(stream: IO[str]) -> Iterator[None]:
 def run(
     argv: Sequence[str],
     *,
-    stdout: IO[str] | None = None,
-    stderr: IO[str] | None = None,
-    stdin: IO[str] | None = None,
+    stdout: Optional[IO[str]] = None,
+    stderr: Optional[IO[str]] = None,
+    stdin: Optional[IO[str]] = None,
+    prog: str = PROG,
 ) -> int:
     """Run ``ai2-kit tool checkpoint ARGV...``; return the exit status.
 
     Errors are one line on stderr naming the path or word and what to do:
     2 for a wrong command line, 1 for anything else, 130 on Ctrl-C.
+    ``prog`` is the command's name in messages and help
+    (``ai2-kit-checkpoint`` for that script).
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     inp = stdin if stdin is not None else sys.stdin
     try:
-        p = plan(argv)
+        p = parse(argv, prog)
     except UsageError as e:
-        err.write(f"{PROG}: {e}\n")
+        err.write(f"{prog}: {e}\n")
         return EXIT_USAGE
     if p.help is not None:
         out.write(p.help)
         return EXIT_OK
-    tool = CheckpointTool(out, err, inp)
-    fire_err = io.StringIO()
+    tool = CheckpointTool(out, err, inp, prog)
     try:
-        # Fire's own messages go to a buffer: with the arguments checked
-        # above it should have none, and if it does they become one line.
-        with _library_logs_to(err), contextlib.redirect_stderr(fire_err):
-            fire.Fire(tool, command=p.fire_args, name=PROG, serialize=lambda _: tool.finish())
-    except FireExit as e:
-        if e.code in (0, None):
-            return EXIT_OK
-        first = next((ln for ln in fire_err.getvalue().splitlines() if ln.strip()), "invalid arguments")
-        err.write(f"{PROG}: {_one_line(first.replace('ERROR:', ''))}; see '{PROG} --help'\n")
-        return EXIT_USAGE
+        with _library_logs_to(err, prog):
+            for step in p.steps:
+                getattr(tool, step.name)(**step.kwargs)
+            tool.finish()
     except UsageError as e:
-        err.write(f"{PROG}: {e}\n")
+        err.write(f"{prog}: {e}\n")
         return EXIT_USAGE
     except CommandError as e:
-        err.write(f"{PROG}: {e}\n")
+        err.write(f"{prog}: {e}\n")
         return EXIT_ERROR
     except NewerFormatError as e:
         by = f" {e.writer}" if e.writer else ""
-        err.write(f"{PROG}: error: {e.location!r} was written by a newer ai2-kit-checkpoint{by} "
+        err.write(f"{prog}: error: {e.location!r} was written by a newer ai2-kit-checkpoint{by} "
                   f"(format {e.found}; this one reads up to {e.supported}). Upgrade it to use this store: "
                   "pip install -U ai2-kit-checkpoint\n")
         return EXIT_ERROR
     except CheckpointError as e:
-        err.write(f"{PROG}: error: {_one_line(str(e))}\n")
+        err.write(f"{prog}: error: {_one_line(str(e))}\n")
         return EXIT_ERROR
     except BrokenPipeError:
         raise  # the reader went away (ls | head): the entry point handles it
     except OSError as e:
-        err.write(f"{PROG}: error: {_one_line(_os_error(e))}\n")
+        err.write(f"{prog}: error: {_one_line(_os_error(e))}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        err.write(f"{PROG}: interrupted\n")
+        err.write(f"{prog}: interrupted\n")
         return EXIT_INTERRUPTED
     finally:
         with contextlib.suppress(Exception):
             tool.close()
     return EXIT_OK
-

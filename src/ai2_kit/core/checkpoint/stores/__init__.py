@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional, Union
 
 from .._errors import NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Hit, Store
@@ -38,7 +38,7 @@ def open_store(
     *,
     prefer: str = "file",
     readonly: bool = False,
-    signing_key: bytes | str | None = None,
+    signing_key: Optional[Union[bytes, str]] = None,
     **options: Any,
 ) -> Store:
     """Open the store that ``location`` names, choosing the engine from what is there.

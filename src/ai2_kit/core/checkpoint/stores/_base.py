@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode
 from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, SaveError, SignatureMismatchError
@@ -23,13 +24,24 @@ FORMAT_VERSION = 1
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
 
 
+@functools.cache
 def library_version() -> str:
-    from .... import __version__
+    """This distribution's version, as recorded in the stores it writes.
 
-    return __version__
+    Read from the installed distribution's metadata rather than from
+    ``ai2_kit.__version__``: ``ai2_kit`` is a namespace shared with the real
+    ai2-kit package, whose ``__init__.py`` (when installed) is not ours.
+    Looked up on first use and kept: the lookup scans ``sys.path`` (~10 ms),
+    which importing the package should not pay.
+    """
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("ai2-kit-checkpoint")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"  # imported from a source tree that was never installed
 
 
-_VERSION = library_version()
 
 
 
@@ -106,7 +118,7 @@ class Store(ABC):
         #: Set when the store was written by a newer library (opened read-only).
         self.newer_format: NewerFormatError | None = None
 
-    def set_signing_key(self, secret: bytes | str | None) -> None:
+    def set_signing_key(self, secret: Optional[Union[bytes, str]]) -> None:
         """Sign every new entry, and refuse entries without a valid MAC, with ``secret``."""
         if isinstance(secret, str):
             secret = secret.encode("utf-8")
@@ -147,7 +159,7 @@ class Store(ABC):
             isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
         )
 
-    def lookup(self, key: str) -> Hit | None:
+    def lookup(self, key: str) -> Optional[Hit]:
         """The entry stored under ``key``, or None. Raises CorruptEntryError."""
         key = validate_key(key)
         try:
@@ -188,7 +200,7 @@ class Store(ABC):
         except Exception as e:  # any other failure to read or unpickle is damage
             raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
 
-    def verify(self, key: str) -> str | None:
+    def verify(self, key: str) -> Optional[str]:
         """Check one entry's bytes (checksum, and MAC with a signing key) without unpickling.
 
         Returns None when the entry is sound (or missing), else the reason.
@@ -212,7 +224,7 @@ class Store(ABC):
             raise
         return None
 
-    def get_meta(self, key: str) -> dict[str, Any] | None:
+    def get_meta(self, key: str) -> Optional[dict[str, Any]]:
         """The metadata record of ``key`` (never unpickles), or None."""
         return self._get_meta(validate_key(key))
 
@@ -256,7 +268,7 @@ class Store(ABC):
             "crc32": encoded.crc,
             "host": HOST,
             "pid": os.getpid(),
-            "version": _VERSION,
+            "version": library_version(),
         }
         meta.update(fields)
         return meta
@@ -268,7 +280,7 @@ class Store(ABC):
             raise ReadOnlyStoreError(self.location, self.readonly_reason)
         return self._delete(key)
 
-    def iter_meta(self, pattern: str | None = None) -> Iterator[dict[str, Any]]:
+    def iter_meta(self, pattern: Optional[str] = None) -> Iterator[dict[str, Any]]:
         """Metadata of entries matching ``pattern`` (see ``key_matcher``), sorted."""
         match = key_matcher(pattern)
         for meta in self._iter_meta(prefix_of(pattern or "")):
@@ -306,7 +318,7 @@ class Store(ABC):
         if self.supports_claims and not self.readonly:
             self._release_claim(key, owner)
 
-    def keys(self, pattern: str | None = None) -> list[str]:
+    def keys(self, pattern: Optional[str] = None) -> list[str]:
         return [m["key"] for m in self.iter_meta(pattern)]
 
     def __len__(self) -> int:

@@ -9,7 +9,7 @@ import os
 import pickle
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .._codec import Encoded
 from .._errors import NotACheckpointStoreError, StoreOpenError
@@ -20,7 +20,7 @@ from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
 __all__ = ["LegacyFileStore", "migrate_legacy_file", "load_legacy_file"]
 
-logger = logging.getLogger("ai2_kit.checkpoint")
+logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 
 def load_legacy_file(path: str) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def backup_path(path: str) -> str:
     return candidate
 
 
-def migrate_legacy_file(path: str) -> tuple[SQLiteStore, str | None, int]:
+def migrate_legacy_file(path: str) -> tuple[SQLiteStore, Optional[str], int]:
     """Convert a reference 2023 file in place into an SQLite store.
 
     A backup copy is written beside it first (``PATH.legacy-<time>.bak``),

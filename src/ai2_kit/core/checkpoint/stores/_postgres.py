@@ -36,7 +36,7 @@ from ._base import FORMAT_VERSION, Loader, Store, library_version
 
 __all__ = ["PostgresStore", "DEFAULT_SCHEMA", "INLINE_MAX", "CHUNK_SIZE"]
 
-logger = logging.getLogger("ai2_kit.checkpoint")
+logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 APPLICATION = "ai2-kit-checkpoint"
 DEFAULT_SCHEMA = "ai2_kit_checkpoint"

@@ -9,7 +9,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
@@ -18,7 +18,7 @@ from ._fs import HOST, fsync_dir, is_network_fs, left_by_dead_writer, temp_name
 
 __all__ = ["SQLiteStore", "APPLICATION_ID", "SQLITE_MAGIC", "INLINE_MAX"]
 
-logger = logging.getLogger("ai2_kit.checkpoint")
+logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 #: Marks our files: PRAGMA application_id = 'A2KC'.
 APPLICATION_ID = 0x41324B43
@@ -72,7 +72,7 @@ class SQLiteStore(Store):
     supports_claims = True
 
     def __init__(
-        self, path: str, *, readonly: bool = False, create: bool = True, journal: str | None = None
+        self, path: str, *, readonly: bool = False, create: bool = True, journal: Optional[str] = None
     ) -> None:
         path = os.path.abspath(os.fspath(path))
         self._journal = journal

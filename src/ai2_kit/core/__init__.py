@@ -1,1 +1,0 @@
-"""Core services of ai2-kit (only checkpointing lives here in this distribution)."""
