@@ -12,7 +12,12 @@ Prints three tables:
 2. ``fingerprint_inputs`` for a few typical small calls, and a whole hit's
    extra work (fingerprint the call, compare with the saved record), in
    microseconds, to set against a hit (~40 us) and a save (~150 us);
-3. ``fingerprint_code``, cached (every call after the first) and uncached.
+3. ``fingerprint_code``, cached (every call after the first) and uncached;
+4. the code side of a record (the step's source digest and the helpers it
+   reaches, ``code_part``): first computation in a process (parse and
+   compile of the file included) against every later call (cached), and a
+   whole hit through a ``Checkpointer`` with fingerprints (``stale="warn"``)
+   against one without (``stale="ignore"``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
+from ai2_kit.core.checkpoint import Checkpointer  # noqa: E402
 from ai2_kit.core.checkpoint import _fingerprint as fp  # noqa: E402
+from ai2_kit.core.checkpoint._fingerprint import _code, _walk  # noqa: E402
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> float:
@@ -57,8 +64,8 @@ def big_array_table(mib: int, repeat: int) -> None:
     mv = memoryview(arr).cast("B")
     gb = n / 1e9
     rows: list[tuple[str, float]] = [("memcpy (np.copyto)", memcpy_time(arr, repeat))]
-    algo = fp._hash().name
-    plain = best_of(lambda: fp._hash(mv).digest(), repeat)
+    algo = _walk._hash().name
+    plain = best_of(lambda: _walk._hash(mv).digest(), repeat)
     rows.append((f"plain hashlib.{algo}, one pass", plain))
     rows.append(("fingerprint_value(contiguous)", best_of(lambda: fp.fingerprint_value(arr), repeat)))
     strided = arr.reshape(-1, 2)[:, 0]  # half the bytes, every other float
@@ -73,7 +80,7 @@ def big_array_table(mib: int, repeat: int) -> None:
     for name, alt in (("sha1", hashlib.sha1), ("blake2b", hashlib.blake2b), ("md5", hashlib.md5)):
         rows.append((f"plain hashlib.{name}, one pass", best_of(lambda alt=alt: alt(mv).digest(), repeat)))  # type: ignore[misc]
 
-    print(f"\n## Large array: {mib} MiB float64, best of {repeat}, {fp._workers()} hashing threads\n")
+    print(f"\n## Large array: {mib} MiB float64, best of {repeat}, {_walk._workers()} hashing threads\n")
     print(f"| {'what':38s} | {'time (s)':>9s} | {'GB/s':>6s} | {'vs plain ' + algo:>15s} |")
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 8}|{'-' * 17}|")
     for name, t in rows:
@@ -114,8 +121,7 @@ def code_table(number: int) -> None:
 
     def uncached(fn: Callable[..., Any]) -> Callable[[], Any]:
         def run() -> Any:
-            fp._CODE_DIGESTS.clear()
-            fp._DEFAULTS_DIGESTS.clear()
+            _clear_code_caches()
             return fp.fingerprint_code(fn)
 
         return run
@@ -135,6 +141,63 @@ def code_table(number: int) -> None:
         print(f"| {label:34s} | {cached:7.2f} | {cold:9.1f} |")
 
 
+def _clear_code_caches() -> None:
+    for cache in (_code._CODE_DIGESTS, _code._AST_DIGESTS, _code._SOURCES, _code._SOURCE_KEYS,
+                  _code._CLASS_DIGESTS, _code._NAMES, _code._PARTS, *_code._DEFAULTS_DIGESTS.values()):
+        cache.clear()
+
+
+def _offset(i: int) -> float:
+    return 0.5 * i
+
+
+def _scale(x: float, factor: float = 2.0) -> float:
+    return factor * x + _offset(int(x))
+
+
+class _Model:
+    def predict(self, x: float) -> float:
+        return _scale(x)
+
+
+def workflow_step(structure: Any, temps: Any = (300.0, 400.0), *, label: str = "nvt", seed: int = 0) -> list:
+    """A step calling two levels of helpers and a class of this file."""
+    return [_Model().predict(t) for t in temps]
+
+
+def hit_table(number: int) -> None:
+    import tempfile
+
+    args, kwargs = ("POSCAR",), {"label": "npt"}
+    _clear_code_caches()
+    t0 = time.perf_counter()
+    part = fp.code_part(workflow_step)
+    first = (time.perf_counter() - t0) * 1e6
+    cached = per_call_us(lambda: fp.code_part(workflow_step), number)
+    saved = fp.fingerprint(workflow_step, args, kwargs)
+    whole = per_call_us(lambda: fp.judge(saved, fp.fingerprint(workflow_step, args, kwargs)), number)
+    inputs = per_call_us(lambda: fp.fingerprint_inputs(workflow_step, args, kwargs), number)
+    print(f"\n## Code side of a record: microseconds (helpers followed: {len(part.helpers)}: "
+          f"{', '.join(part.helpers)})\n")
+    print(f"| {'what':58s} | {'us':>9s} |")
+    print(f"|{'-' * 60}|{'-' * 11}|")
+    print(f"| {'code_part, first call in the process (parse + compile)':58s} | {first:9.1f} |")
+    print(f"| {'code_part, every later call (cached)':58s} | {cached:9.2f} |")
+    print(f"| {'fingerprint_inputs only':58s} | {inputs:9.2f} |")
+    print(f"| {'whole record + judge against the saved one':58s} | {whole:9.2f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for policy in ("ignore", "warn"):
+            with Checkpointer(os.path.join(tmp, f"{policy}.db"), stale=policy) as ckpt:
+                wrapped = ckpt("bench/step")(workflow_step)
+                wrapped(*args, **kwargs)  # the save; every later call is a hit
+                rows.append((policy, per_call_us(lambda w=wrapped: w(*args, **kwargs), max(1, number // 10))))
+        for policy, t in rows:
+            label = f"hit through a Checkpointer, stale={policy!r}"
+            print(f"| {label:58s} | {t:9.2f} |")
+        print(f"| {'  fingerprint overhead of a hit':58s} | {rows[1][1] - rows[0][1]:9.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=1024, help="size of the large array in MiB (default 1024)")
@@ -145,6 +208,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.platform()}")
     small_calls_table(opts.number)
     code_table(opts.number)
+    hit_table(opts.number)
     big_array_table(opts.mib, opts.repeat)
 
 

@@ -20,7 +20,6 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from ai2_kit.core.checkpoint import _fingerprint as fpmod
 from ai2_kit.core.checkpoint._fingerprint import (
     UnfingerprintableError,
     compare,
@@ -30,6 +29,8 @@ from ai2_kit.core.checkpoint._fingerprint import (
     fingerprint_inputs,
     fingerprint_value,
 )
+from ai2_kit.core.checkpoint._fingerprint import _code as codemod
+from ai2_kit.core.checkpoint._fingerprint import _walk as fpmod
 
 
 def step(x: Any, y: Any = 2, *, z: Any = None) -> Any:
@@ -455,7 +456,8 @@ def test_code_fingerprint_stable_after_warm_up(tmp_path: Path) -> None:
     fresh = fingerprint_code(load(tmp_path, ORIGINAL))
     for i in range(2000):
         fn(i % 7)
-    fpmod._CODE_DIGESTS.clear()
+    codemod._CODE_DIGESTS.clear()
+    codemod._AST_DIGESTS.clear()
     assert fingerprint_code(fn) == fresh
 
 

@@ -13,7 +13,7 @@ import time
 from typing import Any, Awaitable, Callable, NamedTuple, Optional, TypeVar, Union
 
 from ._errors import CorruptEntryError, SaveError
-from ._fingerprint import compare, describe, fingerprint
+from ._fingerprint import check_environment_policy, explain, fingerprint, judge
 from ._keys import validate_key
 from .stores import Store, open_store
 from .stores._fs import HOST
@@ -89,6 +89,11 @@ class Checkpointer:
             ``"warn"`` (return the saved value, log one WARNING naming what
             changed), ``"rerun"`` (run again and replace the entry) or
             ``"ignore"`` (the reference's behaviour; no fingerprinting cost).
+        environment: what a hit saved under other versions of Python or of the
+            installed packages the step's modules import means:
+            ``"report"`` (say so, as context of a stale warning or in an INFO
+            line; the saved result stands), ``"stale"`` (count it as stale,
+            handled by ``stale``) or ``"ignore"``.
         signing_key: sign every entry with an HMAC under this secret and
             refuse, before unpickling, entries whose MAC is missing or wrong
             (default: the ``AI2_KIT_CHECKPOINT_KEY`` environment variable).
@@ -106,7 +111,9 @@ class Checkpointer:
         lease: float = 60.0,
         signing_key: Optional[Union[bytes, str]] = None,
         stale: str = "warn",
+        environment: str = "report",
     ) -> None:
+        self.environment = check_environment_policy(environment)
         if (location is None) == (store is None):
             raise TypeError("Checkpointer needs exactly one of location or store")
         self.stale = _check_policy(stale)
@@ -206,14 +213,24 @@ class Checkpointer:
         old = meta.get("fingerprint")
         if not old or fp is None:
             return True  # saved before fingerprints existed, or with stale="ignore"
-        changes = compare(old, fp)
-        if not changes:
+        try:
+            verdict = judge(old, fp)
+        except Exception as e:  # a malformed saved record must not break a hit
+            logger.debug("could not compare the fingerprints of checkpoint %s: %s", key, e)
             return True
-        if policy == "rerun":
-            logger.warning("%s; running the step again (stale='rerun')", describe(key, changes))
+        env_policy = getattr(self, "environment", "report")
+        stale = bool(verdict.changes) or (env_policy == "stale" and bool(verdict.env))
+        if env_policy == "ignore":
+            verdict = verdict._replace(env=[])
+        if stale and policy == "rerun":
+            logger.warning("%s", explain(key, verdict, location=self.store.location, rerun=True))
             return False
-        logger.warning("%s; returning the saved result (pass stale='rerun' to run it again, "
-                       "or remove the entry)", describe(key, changes))
+        if stale or verdict.uncertain:
+            # Code that cannot be compared (another Python, no source) is
+            # said, never rerun: an upgrade must not redo a whole workflow.
+            logger.warning("%s", explain(key, verdict, location=self.store.location, stale=stale))
+        elif verdict.env:
+            logger.info("%s", explain(key, verdict, location=self.store.location, stale=False))
         return True
 
     # -- same-key dedup -----------------------------------------------------------

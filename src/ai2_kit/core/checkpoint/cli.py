@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator, NoReturn, Optional, Sequence
 
-from . import _maintenance, _ops
+from . import _fingerprint, _maintenance, _ops
 from ._errors import CheckpointError, NewerFormatError
 from .stores import Store, is_postgres_url, open_store
 
@@ -876,6 +876,7 @@ _SHOW_FIELDS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("is_awaitable", "awaitable", str),
     ("legacy", "legacy", str),
     ("damaged", "damaged", str),
+    ("fingerprint", "fingerprint", _fingerprint.show_fingerprint),
 ]
 
 
