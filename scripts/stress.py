@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Run the fault-injection tests in their long versions and print the reliability table.
 
-The tests in tests/test_durability.py and tests/test_faults.py are the single
+The tests in tests/test_durability.py, tests/test_faults.py and
+tests/test_powercut.py are the single
 implementation of every scenario; CI runs them short, this script scales them
 up through environment variables and collects the figures they print.
 
-    python scripts/stress.py                  # long run (about 30-40 minutes)
+    python scripts/stress.py                  # long run (about 45 minutes, power cuts 13 of them)
     python scripts/stress.py --quick          # CI-sized, a few minutes
     python scripts/stress.py --markdown docs/reliability-table.md
 """
@@ -25,11 +26,13 @@ LONG = {
     "AI2_KIT_KILL_BIG_BYTES": str(50_000_000),
     "AI2_KIT_LOAD_SECONDS": "30",
     "AI2_KIT_DAMAGE_TRIALS": "200",
+    "AI2_KIT_POWERCUT_TRIALS": "200",
 }
 TESTS = [
     "tests/test_durability.py::test_sigkill_during_writes_loses_nothing",
     "tests/test_durability.py::test_sigkill_during_overwrites_keeps_a_complete_value",
     "tests/test_faults.py",
+    "tests/test_powercut.py",  # power cuts on the FUSE file system of tests/_powerfs.py
 ]
 
 

@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# libfuse2 for the power-cut file system of tests/test_powercut.py (fusepy loads it).
+if ! ldconfig -p 2>/dev/null | grep 'libfuse\.so\.2' >/dev/null && command -v apt-get >/dev/null; then
+    { apt-get install -y -q libfuse2 || { apt-get update -q && apt-get install -y -q libfuse2; }; } >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
