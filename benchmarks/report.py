@@ -473,6 +473,29 @@ def plot(res: Results, path: str) -> str | None:
     return path
 
 
+#: Sections other benchmarks write into performance.md (bench_async.py: loop
+#: stalls); a rerun of this suite keeps them as they are.
+KEPT_START = "<!-- kept:"
+KEPT_END = "<!-- /kept -->"
+
+
+def kept_sections(md: str) -> str:
+    try:
+        with open(md, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    out = []
+    while KEPT_START in text:
+        start = text.index(KEPT_START)
+        end = text.find(KEPT_END, start)
+        if end < 0:
+            break
+        out.append(text[start:end + len(KEPT_END)])
+        text = text[end + len(KEPT_END):]
+    return "".join("\n" + block + "\n" for block in out)
+
+
 def write_docs(data: dict[str, Any], out: str) -> list[str]:
     os.makedirs(out, exist_ok=True)
     res = Results(data)
@@ -481,7 +504,8 @@ def write_docs(data: dict[str, Any], out: str) -> list[str]:
     if "W1" in {r["workload"] for r in res.records} and plot(res, png):
         written.append(png)
     md = os.path.join(out, "performance.md")
+    kept = kept_sections(md)
     with open(md, "w", encoding="utf-8") as f:
-        f.write(INTRO + "\n" + render(data))
+        f.write(INTRO + "\n" + render(data) + kept)
     written.append(md)
     return written

@@ -435,3 +435,129 @@ def test_import_does_not_load_optional_drivers() -> None:
 def test_public_names() -> None:
     for name in ("set_checkpoint_file", "set_checkpoint_dir", "apply_checkpoint", "del_checkpoint", "FnInfo"):
         assert name in cp.__all__ and hasattr(cp, name)
+
+
+# -- switching, closing and re-setting while steps run ------------------------------
+
+
+def _step_in_thread(wrapped: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(wrapped(*args)))
+    t.start()
+    return t, out
+
+
+def test_switch_mid_step_saves_into_the_store_the_call_started_with(tmp_path: Path) -> None:
+    a = set_checkpoint_file(tmp_path / "a.db")
+    running, go_on = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        running.set()
+        assert go_on.wait(60)
+        return "from A"
+
+    t, out = _step_in_thread(apply_checkpoint("k")(slow))
+    assert running.wait(60)
+    b = set_checkpoint_file(tmp_path / "b.db")  # switch while the step runs on A
+    assert not a.store.closed  # A stays open for the call in flight
+    go_on.set()
+    t.join()
+    assert out == ["from A"] and a.store.closed  # saved, then A closed
+    assert b.store.keys() == []
+    with Checkpointer(tmp_path / "a.db") as again:
+        assert again.store.keys() == ["k"]
+
+
+def test_close_mid_step_loses_nothing(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path / "c.db")
+    running, go_on = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        running.set()
+        assert go_on.wait(60)
+        return 7
+
+    t, out = _step_in_thread(ckpt("k")(slow))
+    assert running.wait(60)
+    ckpt.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        ckpt("other")(lambda: 1)()  # no new calls on a closed checkpointer
+    go_on.set()
+    t.join()
+    assert out == [7] and ckpt.store.closed
+    with Checkpointer(tmp_path / "c.db") as again:
+        assert again.store.keys() == ["k"]
+
+
+def test_same_location_with_other_options_applies_them(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    a = set_checkpoint_file(path)
+    b = set_checkpoint_file(path, strict=True, stale="rerun", dedup=True, signing_key="s3cret")
+    assert b is not a and a.store.closed
+    assert (b.strict, b.stale, b.dedup) == (True, "rerun", True)
+    apply_checkpoint("signed")(lambda: 1)()
+    assert b.store.get_meta("signed").get("mac")  # the signing key is in use
+    # Options not given again stay as they are; the same ones again change nothing.
+    assert set_checkpoint_file(path) is b
+    assert set_checkpoint_file(path, strict=True) is b
+    c = set_checkpoint_file(path, strict=False)
+    assert (c.strict, c.stale, c.dedup) == (False, "rerun", True) and c.store.signer is not None
+    with pytest.raises(TypeError, match="strct"):
+        set_checkpoint_file(path, strct=True)
+    with pytest.raises(ValueError, match="stale"):
+        set_checkpoint_file(path, stale="sometimes")
+    assert cp.get_checkpointer() is c
+
+
+def test_async_wrapper_is_a_coroutine_function_and_a_method(tmp_path: Path) -> None:
+    set_checkpoint_file(tmp_path / "c.db")
+
+    async def label(n: int) -> list[int]:
+        return [0] * n
+
+    wrapped = apply_checkpoint("l")(label)
+    # Python 3.9's inspect only knows real functions; asyncio's check works there.
+    iscoro = inspect.iscoroutinefunction if sys.version_info >= (3, 10) else asyncio.iscoroutinefunction
+    assert iscoro(wrapped) and not iscoro(apply_checkpoint("x")(len))
+    assert inspect.signature(wrapped) == inspect.signature(label)
+
+    class Model:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        @apply_checkpoint(lambda info: f"m/{info.args[1]}")
+        def fit(self, x: int) -> int:
+            self.calls += 1
+            return x * 2
+
+        @apply_checkpoint(lambda info: f"am/{info.args[1]}")
+        async def afit(self, x: int) -> int:
+            return x * 3
+
+    m = Model()
+    assert m.fit(2) == 4 and m.fit(2) == 4 and m.calls == 1
+    assert iscoro(m.afit)
+    assert asyncio.run(m.afit(2)) == 6
+
+
+def test_switch_while_an_async_step_runs(tmp_path: Path) -> None:
+    set_checkpoint_file(tmp_path / "a.db")
+
+    async def main() -> None:
+        started, go_on = asyncio.Event(), asyncio.Event()
+
+        async def step() -> str:
+            started.set()
+            await go_on.wait()
+            return "from A"
+
+        task = asyncio.ensure_future(apply_checkpoint("k")(step)())
+        await asyncio.wait_for(started.wait(), 60)  # the step runs, on A
+        b = set_checkpoint_file(tmp_path / "b.db")
+        go_on.set()
+        assert await task == "from A"
+        assert b.store.keys() == []
+
+    asyncio.run(main())
+    with Checkpointer(tmp_path / "a.db") as again:
+        assert again.store.keys() == ["k"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any, Callable
 from ai2_kit.core.checkpoint import Checkpointer
 from ai2_kit.core.checkpoint.stores import Store
 
+LOGGER = "ai2_kit.core.checkpoint"
 PROCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_procs.py")
 
 
@@ -34,11 +36,17 @@ def test_claims_contract(store: Store) -> None:
 
 
 def test_expired_claim_is_taken_over(store: Store) -> None:
+    # A held claim is checked on a key whose lease cannot run out during the
+    # test; expiry on another, and waited for (with a deadline), not slept on.
+    assert store.try_claim("held", "live-owner", 300) is True
+    assert store.try_claim("held", "B", 30) is False
     assert store.try_claim("k", "dead-owner", 0.3) is True
-    assert store.try_claim("k", "B", 30) is False
-    time.sleep(0.6)
-    assert store.try_claim("k", "B", 30) is True
+    deadline = time.monotonic() + 30
+    while not store.try_claim("k", "B", 30):
+        assert time.monotonic() < deadline, "an expired claim was never taken over"
+        time.sleep(0.05)
     assert store.renew_claim("k", "dead-owner", 30) is False
+    assert store.try_claim("held", "B", 30) is False  # the live one was not taken
     assert store.keys() == []  # claims are not entries
 
 
@@ -116,12 +124,25 @@ def test_threads_and_tasks_in_one_process_run_once(store_factory: Callable[..., 
     assert ran.count(2) == 1
 
 
+class _Seen(logging.Handler):
+    """Sets an event when a log line containing ``text`` is emitted."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
 def test_failed_owner_releases_and_a_waiter_computes(store_factory: Callable[..., Store]) -> None:
     ckpt = Checkpointer(store=store_factory(), dedup=True, lease=30)
-    gate = threading.Event()
+    owner_running, gate = threading.Event(), threading.Event()
 
     def failing() -> str:
-        gate.wait(5)
+        owner_running.set()
+        assert gate.wait(60)
         raise RuntimeError("step failed")
 
     errors: list[BaseException] = []
@@ -132,10 +153,45 @@ def test_failed_owner_releases_and_a_waiter_computes(store_factory: Callable[...
         except RuntimeError as e:
             errors.append(e)
 
-    t = threading.Thread(target=first)
-    t.start()
-    time.sleep(0.3)
-    threading.Timer(0.3, gate.set).start()
-    assert ckpt("k")(lambda: "second")() == "second"  # waited, then took over
-    t.join()
-    assert len(errors) == 1
+    seen = _Seen("Waiting for checkpoint k")
+    logger = logging.getLogger(LOGGER)
+    old_level = logger.level
+    logger.addHandler(seen)
+    logger.setLevel(logging.INFO)
+    try:
+        t = threading.Thread(target=first)
+        t.start()
+        assert owner_running.wait(60)  # the owner holds the key
+        # Open the gate only once the second caller is waiting for the owner.
+        threading.Thread(target=lambda: seen.event.wait(60) and gate.set()).start()
+        assert ckpt("k")(lambda: "second")() == "second"  # waited, then took over
+        t.join()
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(old_level)
+    assert seen.event.is_set() and len(errors) == 1
+
+
+def test_owner_saving_between_lookup_and_claim_is_a_hit(store_factory: Callable[..., Store]) -> None:
+    # Case 8: the caller looks up (a miss), then another caller saves and
+    # releases the key before this caller claims it; the claim succeeds, and
+    # the step must not run again: the key is looked up once the claim is ours.
+    store = store_factory()
+
+    class OtherFinishesRightAfterTheLookup(Checkpointer):
+        first = True
+
+        def lookup(self, key: str) -> tuple[bool, Any, dict[str, Any]]:
+            found = super().lookup(key)
+            if self.first:
+                self.first = False
+                other = Checkpointer(store=store_factory(), dedup=True, lease=30)
+                assert other.store.try_claim(key, "other-owner", 30)
+                other.save(key, "theirs")
+                other.store.release_claim(key, "other-owner")
+            return found
+
+    ckpt = OtherFinishesRightAfterTheLookup(store=store, dedup=True, lease=30)
+    ran: list[int] = []
+    assert ckpt("k8")(lambda: ran.append(1) or "mine")() == "theirs"
+    assert ran == []

@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -362,13 +363,23 @@ def test_load_processes_and_threads_on_overlapping_keys(store_factory: Callable[
 def test_cancelled_step_saves_nothing_and_releases_its_claim(store_factory: Callable[..., Store]) -> None:
     ckpt = Checkpointer(store=store_factory(), dedup=True, lease=30)
 
+    started: set[int] = set()
+
     async def step(i: int) -> int:
-        await asyncio.sleep(10)
+        started.add(i)
+        await asyncio.sleep(60)
         return i
 
     async def main() -> None:
         tasks = [asyncio.ensure_future(ckpt(f"c/{i}")(step)(i)) for i in range(8)]
-        await asyncio.sleep(0.2)
+        # Cancel only once every step runs, that is holds its claim: a fixed
+        # sleep let the test pass without testing when the steps were late.
+        deadline = time.monotonic() + 60
+        while len(started) < 8:
+            assert time.monotonic() < deadline, "the steps never started"
+            await asyncio.sleep(0.01)
+        probe = f"probe-{uuid.uuid4().hex}"
+        assert not any(ckpt.store.try_claim(f"c/{i}", probe, 30) for i in range(8))
         for t in tasks:
             t.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,13 +13,27 @@ create your own ``Checkpointer`` objects to hold several stores at once.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
 import threading
 from typing import Any, Callable, Optional, TypeVar, Union
 
-from ._checkpointer import Checkpointer, FnInfo, Key, KeyFn, make_wrapper
+from ._checkpointer import (
+    DEFAULT_ENV,
+    CheckpointedFunction,
+    Checkpointer,
+    FnInfo,
+    Key,
+    KeyFn,
+    StoreSpec,
+    _normalize_location,
+    _warn_off,
+    checkpointer_for,
+    make_wrapper,
+)
 from ._compat import CheckpointService, checkpoint_service
 from ._errors import (
     CheckpointError,
@@ -32,7 +46,7 @@ from ._errors import (
     SignatureMismatchError,
     StoreOpenError,
 )
-from .stores import DirectoryStore, SQLiteStore, Store, open_store
+from .stores import SIGNING_KEY_ENV, DirectoryStore, SQLiteStore, Store, is_postgres_url, open_store
 
 # Defined at run time, not only for type checkers: typing.get_type_hints()
 # on the public functions must find P (the real ai2-kit's tooling and
@@ -57,6 +71,7 @@ __all__ = [
     "CheckpointService",
     "checkpoint_service",
     "Checkpointer",
+    "CheckpointedFunction",
     "Store",
     "SQLiteStore",
     "DirectoryStore",
@@ -80,22 +95,76 @@ R = TypeVar("R")
 #: it (``if value is EMPTY``) keeps importing and running.
 EMPTY: Any = object()
 
-_default: Checkpointer | None = None
+_default: Optional[Checkpointer] = None
 _default_lock = threading.Lock()
+#: Whether this process has decided its default (set, reset, or read from
+#: DEFAULT_ENV); until then a worker started by a workflow takes the
+#: workflow's default from the environment.
+_env_checked = False
+
+#: What ``set_checkpoint_file(path, **options)`` accepts besides ``path``.
+_OPTIONS = ("strict", "readonly", "dedup", "lease", "signing_key", "stale", "environment", "store_options")
+
+
+def _publish(ckpt: Optional[Checkpointer]) -> None:
+    """Record the default where child processes (spawn, forkserver, Dask) find it."""
+    spec = None if ckpt is None else ckpt.spec
+    if spec is None:
+        os.environ.pop(DEFAULT_ENV, None)
+    else:
+        os.environ[DEFAULT_ENV] = spec.to_env()
+
+
+def _respec(old: StoreSpec, options: dict[str, Any]) -> StoreSpec:
+    """``old`` with the options given explicitly; those not given stay as they are."""
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown checkpoint option(s) {', '.join(map(repr, unknown))}; "
+                        f"the options are {', '.join(_OPTIONS)}")
+    changes: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "signing_key":
+            if value is None:
+                value = os.environ.get(SIGNING_KEY_ENV) or None
+            if isinstance(value, str):
+                value = value.encode("utf-8")
+            changes[name] = value or None
+        elif name == "dedup":
+            changes[name] = is_postgres_url(old.location) if value is None else bool(value)
+        elif name == "store_options":
+            changes[name] = tuple(sorted(dict(value or {}).items()))
+        elif name == "lease":
+            changes[name] = float(value)
+        else:
+            changes[name] = value
+    return dataclasses.replace(old, **changes)
 
 
 def _set_default(location: Any, prefer: str, **options: Any) -> Checkpointer:
-    global _default
-    target = location if isinstance(location, str) and "://" in location else os.path.abspath(os.fspath(location))
+    global _default, _env_checked
+    target = _normalize_location(location)
+    switched = False
     with _default_lock:
+        _env_checked = True
         old = _default
-        if old is not None and old.location in (target, location):
-            return old  # the same location again: harmless
-        new = Checkpointer(location, prefer=prefer, **options)
+        if old is not None and old.spec is not None and old.spec.location == target and not old.closing:
+            wanted = _respec(old.spec, options)
+            if wanted == old.spec:
+                return old  # the same location and options again: harmless
+            # Other options for the same store: applied, through a new
+            # checkpointer; calls running on the old one finish there.
+            new = wanted.open()
+        else:
+            new = Checkpointer(location, prefer=prefer, **options)
+            switched = old is not None
         _default = new
+        _publish(new)
     if old is not None:
-        logger.warning("Checkpoint store switched from %s to %s", old.location, new.location)
-        old.close()
+        if switched:
+            logger.warning("Checkpoint store switched from %s to %s", old.location, new.location)
+        else:
+            logger.info("Checkpoint options for %s changed", new.location)
+        old.close()  # closes once the calls running on it have saved
     return new
 
 
@@ -105,8 +174,13 @@ def set_checkpoint_file(path: Union[str, os.PathLike[str]], **options: Any) -> C
     A new path becomes an SQLite store; an existing reference pickle file is
     read as it is and migrated (with a backup) on the first write; a
     ``postgresql://`` URL selects the PostgreSQL store. Calling it again with
-    the same path does nothing; another path switches stores (logged).
-    Options go to ``Checkpointer`` (``strict=True`` makes failed saves raise).
+    the same path does nothing; with other options applies them (the options
+    not given stay); another path switches stores (logged). Calls running on
+    the previous store save there first. Options go to ``Checkpointer``
+    (``strict=True`` makes failed saves raise).
+
+    The default reaches the workers of process pools (fork, spawn,
+    forkserver) and Dask: see docs/parallel.md.
     """
     if (not isinstance(path, str) or "://" not in path) and os.path.isdir(os.fspath(path)):
         raise NotACheckpointStoreError(
@@ -134,15 +208,50 @@ def set_checkpoint_dir(checkpoint_dir: Union[str, os.PathLike[str]], **options: 
 
 
 def get_checkpointer() -> Optional[Checkpointer]:
-    """The default checkpointer, or None when checkpointing is off."""
-    return _default
+    """The default checkpointer, or None when checkpointing is off.
+
+    In a process that set none, reset none, and was started by a workflow
+    that had one (a spawn or forkserver worker, a Dask worker), the
+    workflow's default, opened once from the ``AI2_KIT_CHECKPOINT_DEFAULT``
+    environment variable; a worker that cannot open it logs one WARNING and
+    runs its steps without checkpoints.
+    """
+    ckpt = _default
+    if ckpt is None and not _env_checked:
+        return _default_from_env()
+    return ckpt
+
+
+def _default_from_env() -> Optional[Checkpointer]:
+    global _default, _env_checked
+    with _default_lock:
+        if _env_checked:
+            return _default
+        _env_checked = True
+        text = os.environ.get(DEFAULT_ENV)
+        if not text:
+            return None
+        try:
+            spec = StoreSpec.from_env(text)
+        except (ValueError, TypeError) as e:
+            location = text
+            try:
+                location = str(json.loads(text).get("location", text))
+            except (ValueError, AttributeError):
+                pass
+            _warn_off(location, f"{DEFAULT_ENV}: {e}")
+            return None
+        _default = checkpointer_for(spec)
+        return _default
 
 
 def reset_checkpoint() -> None:
-    """Turn checkpointing off and close the default store."""
-    global _default
+    """Turn checkpointing off and close the default store (once its running calls saved)."""
+    global _default, _env_checked
     with _default_lock:
+        _env_checked = True
         old, _default = _default, None
+        _publish(None)
     if old is not None:
         old.close()
 
@@ -170,3 +279,12 @@ def del_checkpoint(key: str) -> bool:
     if ckpt is None:
         raise CheckpointError("no checkpoint store is set; call set_checkpoint_file() first")
     return ckpt.delete(key)
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()  # a parent thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,21 +1,44 @@
-"""The decorator logic: keys, sync and async calls, hits, saves and their failures."""
+"""The decorator logic: keys, sync and async calls, hits, saves and their failures.
+
+Also what lets steps run wherever a workflow runs them:
+
+- a wrapper (``CheckpointedFunction``) pickles with a *description* of its
+  store (``StoreSpec``: location and options, never a connection or a lock),
+  and a process that receives one opens that store once (``checkpointer_for``);
+- a ``Checkpointer`` stays open while calls that started on it run, so a
+  switch or a close never loses their results;
+- the store work of async steps runs in a bounded thread pool of our own and
+  is awaited, so the event loop stays free; same-key calls in one process
+  share one computation (``_Flight``) before they touch the store's claim.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections.abc
+import concurrent.futures
+import dataclasses
 import functools
+import importlib
 import inspect
+import json
 import logging
 import os
+import pickle
 import secrets
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, NamedTuple, Optional, TypeVar, Union
+import types
+import weakref
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, NamedTuple, Optional, TypeVar, Union
 
-from ._errors import CorruptEntryError, SaveError
+import cloudpickle  # at import, not lazily: a fork during a lazy import can deadlock a child
+
+from ._errors import CheckpointError, CorruptEntryError, SaveError
 from ._fingerprint import check_environment_policy, explain, fingerprint, judge
 from ._keys import validate_key
-from .stores import Store, open_store
+from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
 from .stores._fs import HOST
 
 # At run time too, so that typing.get_type_hints() finds P.
@@ -26,10 +49,25 @@ else:  # pragma: no cover - Python 3.9
 
 P = ParamSpec("P")
 
-__all__ = ["FnInfo", "KeyFn", "Checkpointer", "Lease", "make_wrapper"]
+__all__ = [
+    "FnInfo",
+    "KeyFn",
+    "Checkpointer",
+    "CheckpointedFunction",
+    "Lease",
+    "StoreSpec",
+    "checkpointer_for",
+    "make_wrapper",
+    "DEFAULT_ENV",
+]
 
 logger = logging.getLogger("ai2_kit.core.checkpoint")
 R = TypeVar("R")
+
+#: Environment variable through which the facade's default store reaches
+#: child processes (spawn, forkserver, Dask workers): a JSON description,
+#: never a signing key.
+DEFAULT_ENV = "AI2_KIT_CHECKPOINT_DEFAULT"
 
 
 class FnInfo(NamedTuple):
@@ -59,6 +97,326 @@ async def _ready(value: Any) -> Any:
     return value
 
 
+# -- the thread pool that keeps store work off the event loop -----------------------
+
+#: Threads that do the store work of async steps. Bounded, and our own: the
+#: loop's default executor belongs to the application, and long-lived threads
+#: keep the number of per-thread store connections bounded too. Enough of
+#: them that gathered saves arrive together (the stores commit them as a
+#: group), few enough that the loop does not queue long for the GIL behind
+#: them: with 16, PostgreSQL's 1,000 gathered saves stalled the loop about
+#: twice as long as with 8 (benchmarks/bench_async.py).
+OFFLOAD_THREADS = 8
+
+_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    pool = _pool
+    if pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="ai2-kit-ckpt")
+            pool = _pool
+    return pool
+
+
+#: Jobs submitted to the pool and not finished yet: while there are any, the
+#: loop does no store I/O of its own (each I/O call gives the GIL away, and
+#: getting it back from busy threads costs a switch interval, 5 ms, each time).
+_busy = [0]
+_busy_lock = threading.Lock()
+
+
+def _done_one(_: object) -> None:
+    with _busy_lock:
+        _busy[0] -= 1
+
+
+def _submit(func: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    try:
+        with _busy_lock:
+            _busy[0] += 1
+        job = _executor().submit(func, *args)
+        job.add_done_callback(_done_one)
+        return job
+    except RuntimeError:
+        _done_one(None)  # interpreter shutting down: do it here and now
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            fut.set_result(func(*args))
+        except BaseException as e:
+            fut.set_exception(e)
+        return fut
+
+
+async def _offload(func: Callable[..., R], *args: Any) -> R:
+    """Run ``func`` in our thread pool and await it without blocking the loop.
+
+    Shielded: a cancelled caller stops waiting, but the work, once submitted,
+    runs to its end (a half-done claim or save is worse than a late one).
+    """
+    fut = _submit(func, *args)
+    return await asyncio.shield(asyncio.wrap_future(fut))  # type: ignore[no-any-return]
+
+
+# -- small work that may stay on the loop ---------------------------------------------
+
+#: Entries up to this size may be read on the loop (see ``_prepare_inline``).
+INLINE_MAX_BYTES = 64 * 1024
+#: Seconds of such reads per turn of the loop; past it, callers wait for the next turn.
+INLINE_BUDGET_S = 0.005
+#: Stores whose reads are local (a network round trip never runs on the loop).
+_LOCAL_KINDS = ("sqlite", "directory")
+_BIG_ARG = 256 * 1024
+#: Async calls started per turn of the loop (and waiting ones let in per turn).
+_LANE_WAKE = 32
+
+
+class _Lane:
+    """One loop's account of small reads done on it: at most a budget per turn.
+
+    Callers past the budget wait (awaited, in order) for the next turn, so a
+    thousand gathered hits are spread over turns and the loop keeps ticking.
+    """
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.admitted = 0
+        self.armed = False
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.armed:
+            self.armed = True
+            loop.call_soon(self.refill)  # runs in the next turn of the loop
+
+    def refill(self) -> None:
+        self.armed = False
+        self.spent = 0.0
+        self.admitted = 0
+        for _ in range(min(_LANE_WAKE, len(self.waiters))):
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+
+_lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
+
+
+async def _inline_turn() -> _Lane:
+    """Wait for this loop's turn to start an async call; the lane to charge inline reads to.
+
+    At most ``_LANE_WAKE`` calls start per turn, and small reads on the loop
+    stop for the turn once they took ``INLINE_BUDGET_S``: a gather of a
+    thousand steps starts them over many short turns, not in one long one
+    (which, besides its own length, fights the pool's threads for the GIL).
+    """
+    loop = asyncio.get_running_loop()
+    lane = _lanes.get(loop)
+    if lane is None:
+        lane = _lanes[loop] = _Lane()
+    while lane.spent >= INLINE_BUDGET_S or lane.admitted >= _LANE_WAKE:
+        fut: asyncio.Future[None] = loop.create_future()
+        lane.waiters.append(fut)
+        lane.arm(loop)
+        await fut
+    lane.arm(loop)
+    lane.admitted += 1
+    return lane
+
+
+def _small(args: tuple, kwargs: dict) -> bool:
+    """Whether fingerprinting these arguments is cheap (no large buffer in sight)."""
+    todo: list[Any] = [*args, *kwargs.values()]
+    seen = 0
+    while todo:
+        a = todo.pop()
+        seen += 1
+        if seen > 200:
+            return False
+        n = getattr(a, "nbytes", None)
+        if isinstance(n, int) and n > _BIG_ARG:
+            return False
+        if isinstance(a, (bytes, bytearray, str, memoryview)):
+            if len(a) > _BIG_ARG:
+                return False
+        elif isinstance(a, (list, tuple, set, frozenset)):
+            if len(a) > 200:
+                return False
+            todo.extend(a)
+        elif isinstance(a, dict):
+            if len(a) > 200:
+                return False
+            todo.extend(a.values())
+    return True
+
+
+# -- descriptions of stores, and the per-process registry of open ones ---------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSpec:
+    """What is needed to open a checkpointer again in another process.
+
+    A location and options only: never a connection, a lock or a thread.
+    The signing key is part of it (pickled wrappers carry it to their
+    workers), but never shown and never put in the environment.
+    """
+
+    location: str
+    prefer: str = "file"
+    readonly: bool = False
+    strict: bool = False
+    dedup: bool = False
+    lease: float = 60.0
+    stale: str = "warn"
+    environment: str = "report"
+    signing_key: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    store_options: tuple[tuple[str, Any], ...] = ()
+
+    def open(self) -> Checkpointer:
+        """A new Checkpointer on this store with these options."""
+        return Checkpointer(
+            self.location, prefer=self.prefer, readonly=self.readonly, strict=self.strict,
+            dedup=self.dedup, lease=self.lease, stale=self.stale, environment=self.environment,
+            signing_key=self.signing_key or b"", store_options=dict(self.store_options),
+        )
+
+    def to_env(self) -> str:
+        """JSON for ``DEFAULT_ENV``: the key is replaced by whether one is needed."""
+        d = dataclasses.asdict(self)
+        d["signing_key"] = None
+        d["signed"] = bool(self.signing_key)
+        d["store_options"] = dict(self.store_options)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_env(cls, text: str) -> StoreSpec:
+        """The inverse of ``to_env``; the key comes from this process's ``AI2_KIT_CHECKPOINT_KEY``.
+
+        Raises ValueError when the text is not a description, or when the
+        store is signed and this process has no key.
+        """
+        d = json.loads(text)
+        if not isinstance(d, dict) or not isinstance(d.get("location"), str):
+            raise ValueError("not a store description")
+        signed = bool(d.pop("signed", False))
+        d.pop("signing_key", None)
+        opts = d.pop("store_options", None) or {}
+        key = os.environ.get(SIGNING_KEY_ENV, "").encode("utf-8") or None
+        if signed and key is None:
+            raise ValueError(f"its entries are signed and {SIGNING_KEY_ENV} is not set in this process")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields}, signing_key=key,
+                   store_options=tuple(sorted(opts.items())))
+
+
+def _normalize_location(location: Any) -> str:
+    if is_postgres_url(location):
+        return str(location)
+    return os.path.abspath(os.fspath(location))
+
+
+def _spec_of_store(store: Store) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """(location, engine options) that open ``store`` again, or None if unknown."""
+    if store.kind == "postgres":
+        conninfo = getattr(store, "_conninfo", None)
+        if not isinstance(conninfo, str):
+            return None
+        return conninfo, (("schema", getattr(store, "schema", None)),)
+    for attr in ("path", "root"):
+        value = getattr(store, attr, None)
+        if isinstance(value, str):
+            return value, ()
+    if store.kind == "legacy-file" and isinstance(store.location, str):
+        return store.location, ()
+    return None
+
+
+class _Registry:
+    """The checkpointers of this process, by description: each store opened once.
+
+    Checkpointers the user made are held weakly (they end when the user drops
+    them); those opened here for a received wrapper live as long as the
+    process. A description that cannot be opened is warned about once.
+    """
+
+    def __init__(self) -> None:
+        # Reentrant: opening a store here creates a Checkpointer, which registers itself.
+        self.lock = threading.RLock()
+        self.user: weakref.WeakValueDictionary[StoreSpec, Checkpointer] = weakref.WeakValueDictionary()
+        self.opened: dict[StoreSpec, Checkpointer] = {}
+        self.failed: set[StoreSpec] = set()
+
+    def add(self, ckpt: Checkpointer) -> None:
+        spec = ckpt.spec
+        if spec is None:
+            return
+        with self.lock:
+            cur = self.user.get(spec) or self.opened.get(spec)
+            if cur is None or cur.closing:
+                self.user[spec] = ckpt
+
+    def remove(self, ckpt: Checkpointer) -> None:
+        spec = ckpt.spec
+        if spec is None:
+            return
+        with self.lock:
+            if self.user.get(spec) is ckpt:
+                del self.user[spec]
+            if self.opened.get(spec) is ckpt:
+                del self.opened[spec]
+
+    def get(self, spec: StoreSpec) -> Optional[Checkpointer]:
+        with self.lock:
+            cur = self.user.get(spec) or self.opened.get(spec)
+            if cur is not None and not cur.closing:
+                return cur
+            if spec in self.failed:
+                return None
+            try:
+                cur = spec.open()
+            except Exception as e:
+                self.failed.add(spec)
+                _warn_off(spec.location, e)
+                return None
+            self.opened[spec] = cur
+            return cur
+
+
+def _warn_off(location: str, e: Union[BaseException, str]) -> None:
+    from .stores import _redact
+
+    where = _redact(location) if is_postgres_url(location) else location
+    logger.warning("Checkpointing is OFF in this process (pid %d): the store %s cannot be opened here (%s); "
+                   "steps sent here run without being saved or looked up", os.getpid(), where,
+                   e if isinstance(e, str) else f"{type(e).__name__}: {e}")
+
+
+_registry = _Registry()
+
+
+def checkpointer_for(spec: StoreSpec) -> Optional[Checkpointer]:
+    """The open checkpointer of this process for ``spec``, opening it once.
+
+    None (after one WARNING) when this process cannot open the store.
+    """
+    return _registry.get(spec)
+
+
+def _rebuild_checkpointer(spec: StoreSpec) -> Checkpointer:
+    ckpt = checkpointer_for(spec)
+    if ckpt is None:
+        raise CheckpointError(f"cannot open the checkpoint store {spec.location} in this process")
+    return ckpt
+
+
+# -- the checkpointer ------------------------------------------------------------------
+
+
 class Checkpointer:
     """Saves the results of steps in a store and returns them on later calls.
 
@@ -78,7 +436,8 @@ class Checkpointer:
             logging a warning and going on.
         dedup: while one live caller computes a key, other callers of the
             same key (threads, tasks, processes, hosts sharing the store) wait
-            for its result instead of running the step again. The claim is a
+            for its result instead of running the step again. Callers in one
+            process share one computation; across processes the claim is a
             lease of ``lease`` seconds, renewed by a heartbeat; if its owner
             dies, the lease runs out and one waiting caller takes over. Costs
             one small write per miss; off by default except on PostgreSQL.
@@ -97,6 +456,13 @@ class Checkpointer:
         signing_key: sign every entry with an HMAC under this secret and
             refuse, before unpickling, entries whose MAC is missing or wrong
             (default: the ``AI2_KIT_CHECKPOINT_KEY`` environment variable).
+        store_options: engine options for ``open_store`` (``schema`` for
+            PostgreSQL).
+
+    Wrappers made by a checkpointer pickle (to process pools, Dask) with a
+    description of its store; a process receiving one opens that store once.
+    ``close()`` waits for the calls running on it: the store closes when the
+    last one has saved.
     """
 
     def __init__(
@@ -112,6 +478,7 @@ class Checkpointer:
         signing_key: Optional[Union[bytes, str]] = None,
         stale: str = "warn",
         environment: str = "report",
+        store_options: Optional[Mapping[str, Any]] = None,
     ) -> None:
         self.environment = check_environment_policy(environment)
         if (location is None) == (store is None):
@@ -119,8 +486,9 @@ class Checkpointer:
         self.stale = _check_policy(stale)
         if not lease > 0:
             raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
+        opts = dict(store_options or {})
         if store is None:
-            store = open_store(location, prefer=prefer, readonly=readonly, signing_key=signing_key)
+            store = open_store(location, prefer=prefer, readonly=readonly, signing_key=signing_key, **opts)
         elif signing_key is not None:
             store.set_signing_key(signing_key)
         self.store: Store = store
@@ -129,6 +497,28 @@ class Checkpointer:
         self.strict = strict
         self.dedup = (self.store.kind == "postgres") if dedup is None else bool(dedup)
         self.lease = float(lease)
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self.closing = False
+        self.spec = self._describe(location, prefer, opts)
+        _live.add(self)
+        _registry.add(self)
+
+    def _describe(self, location: Any, prefer: str, opts: dict[str, Any]) -> Optional[StoreSpec]:
+        signer = self.store.signer
+        key = getattr(signer, "_secret", None) if signer is not None else None
+        if location is not None:
+            where, options = _normalize_location(location), tuple(sorted(opts.items()))
+        else:
+            found = _spec_of_store(self.store)
+            if found is None:
+                return None
+            where, options = found
+        return StoreSpec(
+            location=where, prefer=prefer, readonly=bool(self.store.readonly), strict=bool(self.strict),
+            dedup=self.dedup, lease=self.lease, stale=self.stale, environment=self.environment,
+            signing_key=key if isinstance(key, bytes) else None, store_options=options,
+        )
 
     @property
     def location(self) -> str:
@@ -141,7 +531,7 @@ class Checkpointer:
 
         ``stale`` overrides the checkpointer's policy for these calls.
         """
-        return lambda fn: make_wrapper(fn, key, disable, lambda: self, stale)  # type: ignore[return-value]
+        return lambda fn: CheckpointedFunction(fn, key, disable, stale, ckpt=self)  # type: ignore[return-value]
 
     apply = __call__
 
@@ -149,8 +539,30 @@ class Checkpointer:
         """Remove one entry; True when it existed."""
         return self.store.delete(key)
 
+    # -- lifetime: calls in flight keep the store open ----------------------------------
+    def _enter(self) -> bool:
+        """Count a call that starts on this checkpointer; False once it is closing."""
+        with self._lock:
+            if self.closing:
+                return False
+            self._inflight += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inflight = max(0, self._inflight - 1)
+            last = self.closing and self._inflight == 0
+        if last:
+            self.store.close()
+
     def close(self) -> None:
-        self.store.close()
+        """Close the store, once the calls running on it have finished (and saved)."""
+        with self._lock:
+            self.closing = True
+            busy = self._inflight > 0
+        _registry.remove(self)
+        if not busy:
+            self.store.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -160,6 +572,12 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.store!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.spec is None:
+            raise TypeError(f"{self!r} was made from a store object that cannot be described; "
+                            "create it from a location to send it to other processes")
+        return _rebuild_checkpointer, (self.spec,)
 
     # -- the steps of one call ------------------------------------------------
     def lookup(self, key: str) -> tuple[bool, Any, dict[str, Any]]:
@@ -234,40 +652,149 @@ class Checkpointer:
         return True
 
     # -- same-key dedup -----------------------------------------------------------
-    def claim(self, key: str) -> tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]:
-        """Wait until ``key`` is ours to compute (a Lease) or someone saved it (a hit)."""
-        waiter = _Waiter(self, key)
+    def claim(self, key: str, rejected: Any = None) -> tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]:
+        """Wait until ``key`` is ours to compute (a Lease) or someone saved it (a hit).
+
+        ``rejected`` is the ``created`` time of an entry this caller already
+        judged stale: finding that same entry again is not a hit.
+        """
+        waiter = _Waiter(self, key, rejected)
         while (done := waiter.attempt()) is None:
             time.sleep(waiter.delay())
         return done
 
-    async def claim_async(self, key: str) -> tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]:
-        """``claim`` for coroutines: waits with ``asyncio.sleep``."""
-        import asyncio  # only coroutines that wait need it
-
-        waiter = _Waiter(self, key)
-        while (done := waiter.attempt()) is None:
+    async def claim_async(
+        self, key: str, rejected: Any = None
+    ) -> tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]:
+        """``claim`` for coroutines: every attempt runs in a thread, waits are awaited."""
+        waiter = _Waiter(self, key, rejected)
+        while True:
+            fut = _submit(waiter.attempt)
+            try:
+                done = await asyncio.shield(asyncio.wrap_future(fut))
+            except asyncio.CancelledError:
+                # The attempt goes on in its thread: a claim it takes must not outlive us.
+                fut.add_done_callback(_drop_claim_of)
+                raise
+            if done is not None:
+                return done
             await asyncio.sleep(waiter.delay())
-        return done
+
+    # -- in-process flights: one computation per key, shared by threads and tasks -----
+    def _flight_scope(self) -> tuple[str, str, Any]:
+        return (self.store.kind, self.store.location, getattr(self.store, "schema", None))
+
+    def _join_flight(self, key: str, fn: Any, awaitable: bool) -> tuple[_Flight, bool]:
+        """(flight, True) when this caller computes ``key``; (flight, False) to wait for it."""
+        scope = (self._flight_scope(), key)
+        with _flights.lock:
+            cur = _flights.table.get(scope)
+            if cur is not None and not cur.cf.done():
+                return cur, False
+            flight = _Flight(scope, fn)
+            if awaitable:
+                flight.loop_thread = threading.get_ident()
+            _flights.table[scope] = flight
+            return flight, True
+
+
+def _drop_claim_of(fut: concurrent.futures.Future[Any]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    done = fut.result()
+    if done is not None and done[0] is not None:
+        _submit(done[0].release)  # this may run on the loop (a future already done): I/O goes to the pool
+
+
+class _Flights:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.table: dict[Any, _Flight] = {}
+
+
+_flights = _Flights()
+
+
+class _Flight:
+    """One in-process computation of a key that other callers of it wait for."""
+
+    def __init__(self, scope: Any, fn: Any) -> None:
+        self.scope = scope
+        self.fn = fn
+        self.cf: concurrent.futures.Future[None] = concurrent.futures.Future()
+        #: Set when the owner's work goes on as an awaitable on this thread's loop.
+        self.loop_thread: Optional[int] = None
+        self._cond = threading.Condition()
+
+    def became_awaitable(self) -> None:
+        with self._cond:
+            self.loop_thread = threading.get_ident()
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with _flights.lock:
+            if _flights.table.get(self.scope) is self:
+                del _flights.table[self.scope]
+        with self._cond:
+            if not self.cf.done():
+                self.cf.set_result(None)
+            self._cond.notify_all()
+
+    def wait_sync(self) -> bool:
+        """Wait for the owner: True when it finished; False when its work is an
+        awaitable on this very thread's loop, which waiting here would freeze."""
+        me = threading.get_ident()
+        with self._cond:
+            while not self.cf.done():
+                if self.loop_thread == me:
+                    return False
+                self._cond.wait()
+            return True
+
+    async def wait_async(self) -> None:
+        # Shielded: a cancelled waiter must not cancel the flight of the others.
+        await asyncio.shield(asyncio.wrap_future(self.cf))
+
+
+def _log_wait(key: str) -> None:
+    logger.info("Waiting for checkpoint %s: another caller in this process is computing it", key)
+
+
+def _fresh(meta: dict[str, Any], rejected: Any) -> bool:
+    """Whether a found entry is not the one this caller already judged stale."""
+    return rejected is None or meta.get("created") != rejected
 
 
 class _Waiter:
     """One caller's attempts at a key: take the claim, or find the result saved."""
 
-    def __init__(self, ckpt: Checkpointer, key: str) -> None:
-        self.ckpt, self.key = ckpt, key
+    def __init__(self, ckpt: Checkpointer, key: str, rejected: Any = None) -> None:
+        self.ckpt, self.key, self.rejected = ckpt, key, rejected
         self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(6)}"
         self.tries = 0
         self._delay = _POLL_MIN
 
-    def attempt(self) -> tuple[Lease | None, tuple[bool, Any, dict[str, Any]]] | None:
+    def _hit(self) -> Optional[tuple[bool, Any, dict[str, Any]]]:
+        hit = self.ckpt.lookup(self.key)
+        if hit[0] and _fresh(hit[2], self.rejected):
+            return hit
+        return None
+
+    def attempt(self) -> Optional[tuple[Optional[Lease], tuple[bool, Any, dict[str, Any]]]]:
         """A lease, a hit, or None (wait and try again)."""
         if self.tries:
-            hit = self.ckpt.lookup(self.key)
-            if hit[0]:
+            hit = self._hit()
+            if hit is not None:
                 return None, hit
         self.tries += 1
         if self.ckpt.store.try_claim(self.key, self.owner, self.ckpt.lease):
+            # Look again now that the claim is ours: an owner that saved and
+            # released between our lookup and our claim has made this key a
+            # hit, and running the step would run it twice.
+            hit = self._hit()
+            if hit is not None:
+                self.ckpt.store.release_claim(self.key, self.owner)
+                return None, hit
             return Lease(self.ckpt, self.key, self.owner), (False, None, {})
         if self.tries == 1:
             logger.info("Waiting for checkpoint %s: another live caller is computing it", self.key)
@@ -282,39 +809,102 @@ _POLL_MIN = 0.02
 _POLL_MAX = 1.0
 
 
+class _Heartbeat:
+    """One thread that renews every lease of this process, each at a third of its length."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Lease, float] = {}
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, lease: Lease) -> None:
+        with self._cond:
+            self._due[lease] = time.monotonic() + lease.ckpt.lease / 3
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ai2-kit-lease", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self._cond:
+            self._due.pop(lease, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [lease for lease, t in self._due.items() if t <= now]
+                if not due:
+                    wait = min(self._due.values(), default=now + 3600) - now
+                    self._cond.wait(wait)
+                    continue
+                for lease in due:
+                    self._due[lease] = now + lease.ckpt.lease / 3
+            for lease in due:
+                lease.renew()
+
+
+_heartbeat = _Heartbeat()
+
+
 class Lease:
-    """A claim on a key, kept alive by a heartbeat thread until released."""
+    """A claim on a key, kept alive by the process's heartbeat thread until released."""
 
     def __init__(self, ckpt: Checkpointer, key: str, owner: str) -> None:
         self.ckpt, self.key, self.owner = ckpt, key, owner
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"ai2-kit-lease:{key}", daemon=True)
-        self._thread.start()
+        # Renewal and release never overlap: a renewal that ran after the
+        # release could not bring the claim back, but it would warn wrongly.
+        self._lock = threading.Lock()
+        self.released = False
+        _heartbeat.add(self)
 
-    def _beat(self) -> None:
-        ttl = self.ckpt.lease
-        while not self._stop.wait(ttl / 3):
+    def renew(self) -> None:
+        with self._lock:
+            if self.released:
+                return
+            ttl = self.ckpt.lease
             try:
                 if not self.ckpt.store.renew_claim(self.key, self.owner, ttl):
                     logger.warning("Lost the claim on checkpoint %s (this process was stalled longer "
                                    "than the %.0f s lease); another caller may compute it too", self.key, ttl)
-                    return
+                    self.released = True
+                    _heartbeat.remove(self)
             except Exception as e:  # the step goes on; the claim just may expire
                 logger.warning("Could not renew the claim on checkpoint %s: %s", self.key, e)
 
     def release(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """Drop the claim. Blocking I/O (async steps call it in a thread); never joins a thread."""
+        _heartbeat.remove(self)
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
+            try:
+                self.ckpt.store.release_claim(self.key, self.owner)
+            except Exception as e:  # an unreleased claim expires on its own
+                logger.warning("Could not release the claim on checkpoint %s: %s (it expires in %.0f s)",
+                               self.key, e, self.ckpt.lease)
+
+
+def _end_call(ckpt: Checkpointer, lease: Optional[Lease], flight: Optional[_Flight]) -> None:
+    """What ends every call that started on ``ckpt``: claim, flight, then the count."""
+    try:
+        if lease is not None:
+            lease.release()
+    finally:
         try:
-            self.ckpt.store.release_claim(self.key, self.owner)
-        except Exception as e:  # an unreleased claim expires on its own
-            logger.warning("Could not release the claim on checkpoint %s: %s (it expires in %.0f s)",
-                           self.key, e, self.ckpt.lease)
+            if flight is not None:
+                flight.finish()
+        finally:
+            ckpt._leave()
 
 
-def _release(lease: Lease | None) -> None:
-    if lease is not None:
-        lease.release()
+def _save_and_end(ckpt: Checkpointer, key: str, value: Any, fields: dict[str, Any],
+                  lease: Optional[Lease], flight: Optional[_Flight]) -> None:
+    try:
+        ckpt.save(key, value, **fields)
+    finally:
+        _end_call(ckpt, lease, flight)
 
 
 _POLICIES = ("warn", "rerun", "ignore")
@@ -334,28 +924,212 @@ def _resolve_key(key: Key, fn: Callable[..., Any], args: tuple, kwargs: dict, si
     return validate_key(key)
 
 
-def make_wrapper(
-    fn: Callable[..., Any],
-    key: Key,
-    disable: bool,
-    resolve: Callable[[], Checkpointer | None],
-    stale: str | None = None,
-) -> Callable[..., Any]:
-    """Wrap ``fn``; ``resolve`` gives the checkpointer at call time (None: just run)."""
-    if not callable(fn):
-        raise TypeError(f"apply_checkpoint(...) must wrap a callable, not {type(fn).__name__}")
-    if not isinstance(key, str) and not callable(key):
-        raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
-    if isinstance(key, str):
-        validate_key(key)  # fail at decoration time, before any step runs
-    if stale is not None:
-        _check_policy(stale)
-    fn_name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
-    is_coro_fn = inspect.iscoroutinefunction(fn)
+# -- awaitables handed out by plain functions -----------------------------------------
 
-    def fields(site: str, started: float, awaitable: bool, fp: dict[str, Any] | None) -> dict[str, Any]:
+
+class _Pending(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """A coroutine that owns a claim until it is run to the end.
+
+    What a wrapped plain function returning an awaitable hands back on a
+    miss (a coroutine, so that ``asyncio.run`` and ``create_task`` take it).
+    Closed, or garbage-collected before it ever started, it still releases
+    its claim and ends its call (in a thread: the collector may run on the
+    loop); once started, the coroutine inside does that itself.
+    """
+
+    def __init__(self, start: Callable[[], Coroutine[Any, Any, Any]], inner: Any,
+                 cleanup: Callable[[], None]) -> None:
+        self._start: Optional[Callable[[], Coroutine[Any, Any, Any]]] = start
+        self._coro: Optional[Coroutine[Any, Any, Any]] = None
+        self._inner = inner
+        self._finalizer = weakref.finalize(self, _submit, cleanup)
+
+    def _begin(self) -> Coroutine[Any, Any, Any]:
+        if self._coro is None:
+            start, self._start = self._start, None
+            if start is None:
+                raise RuntimeError("cannot reuse a closed checkpointed awaitable")
+            self._finalizer.detach()
+            self._inner = None
+            self._coro = start()
+        return self._coro
+
+    def __await__(self) -> Any:
+        return self._begin().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._begin().send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._coro is None:
+            self.close()  # never started: nothing inside would run its cleanup
+            if val is None:
+                raise typ
+            raise val
+        if val is None and tb is None:  # the one-argument form (the only one from Python 3.12 on)
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)
+
+    def close(self) -> None:
+        """Stop it: an unstarted one releases its claim now (and closes what it wraps)."""
+        if self._coro is not None:
+            self._coro.close()
+            return
+        if self._start is None:
+            return
+        self._start = None
+        inner, self._inner = self._inner, None
+        close = getattr(inner, "close", None)
+        if close is not None:
+            close()
+        self._finalizer()
+
+
+# -- the wrapper --------------------------------------------------------------------------
+
+
+class _FnRef(NamedTuple):
+    """A module-level function that the module holds only under our wrapper."""
+
+    module: str
+    qualname: str
+
+    def resolve(self) -> Any:
+        obj: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, CheckpointedFunction):
+            return obj.__wrapped__
+        return obj
+
+
+def _lookup_qualname(fn: Any) -> Any:
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    qualname = getattr(fn, "__qualname__", "")
+    if module is None or not qualname or "<" in qualname:
+        return None
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _rebuild_wrapper(payload: bytes, disable: bool, stale: Optional[str], spec: Optional[StoreSpec]) -> Any:
+    fn, key = pickle.loads(payload)
+    if isinstance(fn, _FnRef):
+        fn = fn.resolve()
+    return CheckpointedFunction(fn, key, disable, stale, spec=spec, received=True)
+
+
+class CheckpointedFunction:
+    """A function whose calls are checkpointed: what ``apply_checkpoint`` returns.
+
+    It looks like the function it wraps (name, docstring, signature,
+    ``inspect.iscoroutinefunction``) and works as a method. It pickles, for
+    process pools and Dask, with the function, the key and a description of
+    its store (``StoreSpec``); a worker receiving it opens that store once per
+    process. A facade wrapper carries the default store of the moment it was
+    sent (or "off" when none was set).
+    """
+
+    __wrapped__: Callable[..., Any]
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        key: Key,
+        disable: bool = False,
+        stale: Optional[str] = None,
+        *,
+        ckpt: Optional[Checkpointer] = None,
+        default: Optional[Callable[[], Optional[Checkpointer]]] = None,
+        spec: Optional[StoreSpec] = None,
+        received: bool = False,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"apply_checkpoint(...) must wrap a callable, not {type(fn).__name__}")
+        if not isinstance(key, str) and not callable(key):
+            raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
+        if isinstance(key, str):
+            validate_key(key)  # fail at decoration time, before any step runs
+        if stale is not None:
+            _check_policy(stale)
+        functools.update_wrapper(self, fn)
+        self._ck_key = key
+        self._ck_disable = disable
+        self._ck_stale = stale
+        self._ck_bound = ckpt
+        self._ck_default = default
+        self._ck_spec = spec
+        self._ck_received = received
+        self._ck_name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+        self._ck_coro = inspect.iscoroutinefunction(fn)
+        if self._ck_coro:
+            _mark_coroutine_function(self, fn)
+
+    # -- looking like the function ------------------------------------------------
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return types.MethodType(self, obj)
+
+    def __repr__(self) -> str:
+        return f"<checkpointed {self._ck_name} key={self._ck_key!r}>"
+
+    # -- travelling ------------------------------------------------------------------
+    def _carried_spec(self) -> Optional[StoreSpec]:
+        if self._ck_received or self._ck_disable:
+            return self._ck_spec
+        ckpt = self._ck_bound if self._ck_bound is not None else (
+            self._ck_default() if self._ck_default is not None else None)
+        if ckpt is None:
+            return None
+        if ckpt.spec is None:
+            raise TypeError(f"cannot send {self!r} to another process: {ckpt!r} was made from a store "
+                            "object that cannot be described; create the Checkpointer from a location")
+        return ckpt.spec
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fn: Any = self.__wrapped__  # type: ignore[attr-defined]
+        target = _lookup_qualname(fn)
+        if (target is not fn and isinstance(target, CheckpointedFunction) and target.__wrapped__ is fn
+                and fn.__module__ != "__main__"):
+            # Decorated at module level: the module's name now means the wrapper,
+            # so the plain function cannot be pickled by name; send the name, and
+            # the receiver unwraps what it finds there. (A script's __main__ is
+            # not the worker's: cloudpickle sends those functions by value.)
+            fn = _FnRef(fn.__module__, fn.__qualname__)
+        # cloudpickle for the function and the key: lambdas and local
+        # functions travel too (module-level functions still go by name).
+        payload = cloudpickle.dumps((fn, self._ck_key))
+        return _rebuild_wrapper, (payload, self._ck_disable, self._ck_stale, self._carried_spec())
+
+    # -- which checkpointer a call uses --------------------------------------------------
+    def _resolve(self) -> Optional[Checkpointer]:
+        if self._ck_disable:
+            return None
+        if self._ck_bound is not None:
+            return self._ck_bound
+        if self._ck_received:
+            return None if self._ck_spec is None else checkpointer_for(self._ck_spec)
+        return self._ck_default() if self._ck_default is not None else None
+
+    def _acquire(self) -> Optional[Checkpointer]:
+        """The checkpointer for a call, counted as in flight on it (None: just run)."""
+        for _ in range(100):
+            ckpt = self._resolve()
+            if ckpt is None or ckpt._enter():
+                return ckpt
+            if self._ck_bound is not None:
+                raise CheckpointError(f"{ckpt!r} is closed; create a new Checkpointer to go on")
+        raise CheckpointError("the checkpoint store kept being switched while a call started")  # pragma: no cover
+
+    # -- one call ----------------------------------------------------------------------------
+    def _fields(self, site: str, started: float, awaitable: bool, fp: Optional[dict[str, Any]]) -> dict[str, Any]:
         out = {
-            "fn_name": fn_name,
+            "fn_name": self._ck_name,
             "call_site": site,
             "duration": time.perf_counter() - started,
             "is_awaitable": awaitable,
@@ -364,81 +1138,265 @@ def make_wrapper(
             out["fingerprint"] = fp
         return out
 
-    def prepare(ckpt: Checkpointer, k: str, args: tuple, kwargs: dict) -> tuple[Any, ...]:
-        """Look ``k`` up and judge staleness: (found, value, meta, fingerprint)."""
-        policy = stale or ckpt.stale
+    def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict) -> tuple[Any, ...]:
+        """Look ``k`` up and judge staleness: (found, value, meta, fingerprint, rejected)."""
+        policy = self._ck_stale or ckpt.stale
+        fn = self.__wrapped__  # type: ignore[attr-defined]
         fp = None if policy == "ignore" else ckpt.fingerprint(fn, args, kwargs)
         found, value, meta = ckpt.lookup(k)
+        rejected = None
         if found and fp is not None and not ckpt.accept(k, meta, fp, policy):
-            found = False
-        return found, value, meta, fp
+            found, rejected = False, meta.get("created", 0)
+        return found, value, meta, fp, rejected
 
-    async def run_async(ckpt: Checkpointer, k: str, site: str, args: tuple, kwargs: dict) -> Any:
-        found, value, meta, fp = prepare(ckpt, k, args, kwargs)
-        lease = None
-        if not found and ckpt.dedup:
-            lease, (found, value, meta) = await ckpt.claim_async(k)
-        if found:
-            ckpt.log_hit(k, meta)
-            return value
-        try:
-            started = time.perf_counter()
-            value = await fn(*args, **kwargs)
-            ckpt.save(k, value, **fields(site, started, True, fp))
-        finally:
-            _release(lease)
-        return value
-
-    async def finish(
-        ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any], lease: Lease | None,
-        fp: dict[str, Any] | None,
-    ) -> Any:
-        try:
-            value = await pending
-            ckpt.save(k, value, **fields(site, started, True, fp))
-        finally:
-            _release(lease)
-        return value
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ckpt = None if disable else resolve()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self.__wrapped__  # type: ignore[attr-defined]
+        if self._ck_coro:
+            if self._ck_disable or self._resolve() is None:
+                return fn(*args, **kwargs)
+            site = _call_site(1)
+            k = _resolve_key(self._ck_key, fn, args, kwargs, site)
+            # Nothing is counted or claimed before the coroutine starts: one
+            # that is never awaited holds nothing.
+            return self._run_async(k, site, args, kwargs)
+        ckpt = self._acquire()
         if ckpt is None:
             return fn(*args, **kwargs)
-        site = _call_site(1)
-        k = _resolve_key(key, fn, args, kwargs, site)
-        if is_coro_fn:
-            return run_async(ckpt, k, site, args, kwargs)
-        found, value, meta, fp = prepare(ckpt, k, args, kwargs)
-        lease = None
-        if not found and ckpt.dedup:
-            lease, (found, value, meta) = ckpt.claim(k)
-        if found:
-            ckpt.log_hit(k, meta)
-            return _ready(value) if meta.get("is_awaitable") else value
+        lease: Optional[Lease] = None
+        flight: Optional[_Flight] = None
+        handed_over = False
         try:
+            site = _call_site(1)
+            k = _resolve_key(self._ck_key, fn, args, kwargs, site)
+            found, value, meta, fp, rejected = self._prepare(ckpt, k, args, kwargs)
+            if found:
+                ckpt.log_hit(k, meta)
+                return _ready(value) if meta.get("is_awaitable") else value
+            if ckpt.dedup:
+                while True:
+                    flight, mine = ckpt._join_flight(k, fn, False)
+                    if mine:
+                        break
+                    _log_wait(k)
+                    if not flight.wait_sync():
+                        theirs, flight = flight, None
+                        if theirs.fn is fn:
+                            # The owner is an awaitable on this thread's loop, made by this
+                            # same function: ours is an awaitable too, that awaits theirs.
+                            handed_over = True
+                            cont = functools.partial(self._wait_then_run, ckpt, k, site, args, kwargs,
+                                                     fp, rejected, theirs)
+                            return _Pending(cont, None, functools.partial(_end_call, ckpt, None, None))
+                        logger.info("Checkpoint %s is being computed by an awaitable on this thread's "
+                                    "loop; a plain call cannot wait for it, so it computes too", k)
+                        break
+                    hit = ckpt.lookup(k)
+                    if hit[0] and _fresh(hit[2], rejected):
+                        ckpt.log_hit(k, hit[2])
+                        return _ready(hit[1]) if hit[2].get("is_awaitable") else hit[1]
+                lease, (found, value, meta) = ckpt.claim(k, rejected)
+                if found:
+                    ckpt.log_hit(k, meta)
+                    return _ready(value) if meta.get("is_awaitable") else value
             started = time.perf_counter()
             ret = fn(*args, **kwargs)
             if inspect.isawaitable(ret):
                 # A plain function that returned an awaitable: like the reference,
                 # save what it resolves to, and hand back an awaitable on hits.
-                pending, lease = finish(ckpt, k, site, started, ret, lease, fp), None
-                return pending
-            ckpt.save(k, ret, **fields(site, started, False, fp))
+                if flight is not None:
+                    flight.became_awaitable()
+                handed_over = True
+                start = functools.partial(self._finish, ckpt, k, site, started, ret, lease, flight, fp)
+                return _Pending(start, ret, functools.partial(_end_call, ckpt, lease, flight))
+            ckpt.save(k, ret, **self._fields(site, started, False, fp))
+            return ret
         finally:
-            _release(lease)
-        return ret
+            if not handed_over:
+                _end_call(ckpt, lease, flight)
 
-    if is_coro_fn:
-        _mark_coroutine_function(wrapper)
-    return wrapper
+    async def _finish(self, ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any],
+                      lease: Optional[Lease], flight: Optional[_Flight], fp: Optional[dict[str, Any]]) -> Any:
+        try:
+            value = await pending
+        except GeneratorExit:  # closed mid-way: no awaiting now
+            _submit(_end_call, ckpt, lease, flight)
+            raise
+        except BaseException:
+            await _offload(_end_call, ckpt, lease, flight)
+            raise
+        await _offload(_save_and_end, ckpt, k, value, self._fields(site, started, True, fp), lease, flight)
+        return value
+
+    def _prepare_inline(
+        self, lane: _Lane, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict
+    ) -> Optional[tuple[Any, ...]]:
+        """``_prepare`` on the loop for a small call of a local store, or None (do it in a thread).
+
+        A thread hop costs more than reading a small entry, and a thousand
+        gathered hits are faster here; a budget per loop iteration keeps
+        their sum bounded, and anything large goes to a thread.
+        """
+        t0 = time.perf_counter()
+        try:
+            meta = ckpt.store.get_meta(k)
+            if meta is None:
+                policy = self._ck_stale or ckpt.stale
+                fp = None if policy == "ignore" else ckpt.fingerprint(self.__wrapped__, args, kwargs)
+                return False, None, {}, fp, None
+            size = meta.get("size")
+            if not isinstance(size, int) or size > INLINE_MAX_BYTES:
+                return None
+            return self._prepare(ckpt, k, args, kwargs)
+        except Exception:  # whatever it was, the thread path reports it properly
+            return None
+        finally:
+            lane.spent += time.perf_counter() - t0
+
+    async def _run_async(self, k: str, site: str, args: tuple, kwargs: dict) -> Any:
+        ckpt = self._acquire()
+        if ckpt is None:
+            return await self.__wrapped__(*args, **kwargs)  # type: ignore[attr-defined]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # Driven by something other than asyncio (trio, a hand-rolled
+            # send()): no loop to keep free, and no asyncio to wait with.
+            return await self._run_without_asyncio(ckpt, k, site, args, kwargs)
+        try:
+            prepared = None
+            lane = await _inline_turn()
+            if ckpt.store.kind in _LOCAL_KINDS and not _busy[0] and _small(args, kwargs):
+                prepared = self._prepare_inline(lane, ckpt, k, args, kwargs)
+            if prepared is None:
+                prepared = await _offload(self._prepare, ckpt, k, args, kwargs)
+        except BaseException:
+            ckpt._leave()
+            raise
+        return await self._async_miss(ckpt, k, site, args, kwargs, prepared, None)
+
+    async def _run_without_asyncio(self, ckpt: Checkpointer, k: str, site: str, args: tuple,
+                                   kwargs: dict) -> Any:
+        lease: Optional[Lease] = None
+        try:
+            found, value, meta, fp, rejected = self._prepare(ckpt, k, args, kwargs)
+            if not found and ckpt.dedup:
+                lease, (found, value, meta) = ckpt.claim(k, rejected)
+            if found:
+                ckpt.log_hit(k, meta)
+                return value
+            started = time.perf_counter()
+            value = await self.__wrapped__(*args, **kwargs)  # type: ignore[attr-defined]
+            ckpt.save(k, value, **self._fields(site, started, True, fp))
+            return value
+        finally:
+            _end_call(ckpt, lease, None)
+
+    async def _wait_then_run(self, ckpt: Checkpointer, k: str, site: str, args: tuple, kwargs: dict,
+                             fp: Optional[dict[str, Any]], rejected: Any, theirs: _Flight) -> Any:
+        return await self._async_miss(ckpt, k, site, args, kwargs, (False, None, {}, fp, rejected), theirs)
+
+    async def _async_miss(self, ckpt: Checkpointer, k: str, site: str, args: tuple, kwargs: dict,
+                          prepared: tuple[Any, ...], theirs: Optional[_Flight]) -> Any:
+        """After the lookup: a hit, or wait for / take the key, run the step, save off the loop."""
+        fn = self.__wrapped__  # type: ignore[attr-defined]
+        found, value, meta, fp, rejected = prepared
+        lease: Optional[Lease] = None
+        flight: Optional[_Flight] = None
+        try:
+            if not found and ckpt.dedup:
+                while True:
+                    if theirs is None:
+                        theirs, mine = ckpt._join_flight(k, fn, True)
+                        if mine:
+                            flight, theirs = theirs, None
+                            break
+                    _log_wait(k)
+                    await theirs.wait_async()
+                    theirs = None
+                    found, value, meta = await _offload(ckpt.lookup, k)
+                    if found and _fresh(meta, rejected):
+                        break
+                    found = False
+                if not found:
+                    lease, (found, value, meta) = await ckpt.claim_async(k, rejected)
+            if not found:
+                started = time.perf_counter()
+                ret = fn(*args, **kwargs)
+                value = (await ret) if inspect.isawaitable(ret) else ret
+        except GeneratorExit:  # closed mid-way: no awaiting now
+            _submit(_end_call, ckpt, lease, flight)
+            raise
+        except BaseException:
+            await _offload(_end_call, ckpt, lease, flight)
+            raise
+        # Past this point every path ends the call exactly once (an _offload
+        # cancelled while waiting still finishes its work in the thread).
+        if found:
+            ckpt.log_hit(k, meta)
+            if lease is None and flight is None:
+                ckpt._leave()  # nothing to release: no thread hop
+            else:
+                await _offload(_end_call, ckpt, lease, flight)
+            return value
+        await _offload(_save_and_end, ckpt, k, value, self._fields(site, started, True, fp), lease, flight)
+        return value
 
 
-def _mark_coroutine_function(fn: Callable[..., Any]) -> None:
-    # The wrapper is a plain function (so it sees the caller's frame for the
-    # call site) that returns a coroutine; tell inspect it is async.
+def make_wrapper(
+    fn: Callable[..., Any],
+    key: Key,
+    disable: bool,
+    resolve: Callable[[], Optional[Checkpointer]],
+    stale: Optional[str] = None,
+) -> Callable[..., Any]:
+    """Wrap ``fn``; ``resolve`` gives the checkpointer at call time (None: just run).
+
+    ``resolve`` must be picklable by name (a module-level function) for the
+    wrapper to travel; the facade passes its ``get_checkpointer``.
+    """
+    return CheckpointedFunction(fn, key, disable, stale, default=resolve)
+
+
+def _mark_coroutine_function(wrapper: Any, fn: Any) -> None:
+    # The wrapper is an object (so that it pickles by description) whose call
+    # returns a coroutine; tell inspect it is async. Python 3.12+ has a
+    # marker; before, inspect accepts objects that look like functions, so
+    # lend it the code object, which carries the coroutine flag.
+    marker = getattr(asyncio.coroutines, "_is_coroutine", None)
+    if marker is not None:  # what asyncio.iscoroutinefunction looks for
+        wrapper._is_coroutine = marker
     mark = getattr(inspect, "markcoroutinefunction", None)
     if mark is not None:
-        mark(fn)
+        mark(wrapper)
+        return
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):
+        wrapper.__code__ = code
+        wrapper.__defaults__ = getattr(fn, "__defaults__", None)
+        wrapper.__kwdefaults__ = getattr(fn, "__kwdefaults__", None)
 
 
+# -- fork: children start with fresh locks, threads and registries ----------------------
+
+_live: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _pool, _pool_lock, _busy_lock, _registry, _heartbeat, _flights
+    # Threads do not cross a fork: the pool's and the heartbeat's are gone,
+    # and a lock one of them held would stay held for ever in the child.
+    _pool, _pool_lock = None, threading.Lock()
+    _busy[0] = 0
+    _busy_lock = threading.Lock()
+    _heartbeat = _Heartbeat()
+    _flights = _Flights()
+    _registry = _Registry()
+    for ckpt in list(_live):
+        ckpt._lock = threading.Lock()
+        ckpt._inflight = 0  # the calls of the parent's other threads do not exist here
+        if not ckpt.closing:
+            _registry.add(ckpt)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
