@@ -252,16 +252,19 @@ def test_rm_lists_long_selections_shortened(tmp_path: Path) -> None:
     assert len(lines) == 1 + 10 + 1 + 5 and lines[-1] == "  iters-039/step"
 
 
-def test_rm_reference_file_converts_with_a_backup(tmp_path: Path) -> None:
+def test_rm_reference_file_rewrites_it_with_a_backup(tmp_path: Path) -> None:
+    """Removing from a 2023 file keeps it a 2023 file, rewritten without unpickling (issue 10)."""
     path = make_store(tmp_path, "reference-file")
+    original = path.read_bytes()
     r = cli("rm", str(path), "iters-000/deepmd")
     assert r.code == 0, r.err
     line = one_error_line(r.err)
-    assert "warning" in line and ".legacy-" in line
+    assert "warning" in line and ".legacy-" in line and "without unpickling" in line
     backups = list(tmp_path.glob("checkpoint.pkl.legacy-*.bak"))
-    assert len(backups) == 1
-    with open_for_check(path) as s:
-        assert s.keys() == AFTER_RM_DEEPMD
+    assert len(backups) == 1 and backups[0].read_bytes() == original
+    assert path.read_bytes()[:1] == b"\x80"  # still the reference's format
+    with open_store(str(path), readonly=True) as s:
+        assert s.kind == "legacy-file" and s.keys() == AFTER_RM_DEEPMD
         hit = s.lookup("time_consuming_step")
         assert hit is not None and hit.value == value_of("time_consuming_step")
 

@@ -43,9 +43,6 @@ from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, Store, o
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROCS = os.path.join(HERE, "_powercut_procs.py")
 TRIALS = int(os.environ.get("AI2_KIT_POWERCUT_TRIALS", "3"))
-# A known hole (an xfail below) shows within a few cuts; once it is fixed and
-# the xfail removed, give its test the full TRIALS again.
-HOLE_TRIALS = min(TRIALS, 5)
 # Cuts of an idle writer are deterministic: a few are enough (CI 2, stress 10).
 IDLE_TRIALS = max(2, TRIALS // 20)
 # Big values (every 4th entry) just over the SQLite store's 1 MiB inline limit:
@@ -359,9 +356,8 @@ def cut_trials(mount: Mount, kind: str, control: str = "none", *, trials: int = 
     new store and the kill may come while the store is being created.
     """
     rng = random.Random(seed)
-    # No side files for the reference file (it holds the big value) nor for new
-    # stores (a new FILE.blobs folder is a known hole that would hide the rest).
-    big_every = 0 if kind == "legacy" or fresh else 4
+    # No side files for the reference file (it holds the big value).
+    big_every = 0 if kind == "legacy" else 4
     acknowledged, lost = 0, []
     kept: dict[str, int] = {}
     for trial in range(trials):
@@ -442,8 +438,6 @@ def cut_trials(mount: Mount, kind: str, control: str = "none", *, trials: int = 
 
 
 IDLE = "power cut after 6 saves, writer idle"
-ISSUE_10 = "directory store: parent folders not fsynced (issue 10)"
-BLOBS_FOLDER = "SQLite store: a new FILE.blobs folder is not fsynced in its parent (like issue 10)"
 ROLLBACK_JOURNAL = ("SQLite store, journal=delete: commits use synchronous=FULL, so the journal's unlink "
                     "is not durable and a cut rolls the last entry back (needs synchronous=EXTRA)")
 
@@ -455,9 +449,8 @@ def test_sqlite_store_loses_nothing_with_its_side_file_folder_in_place(mount: Mo
     assert not lost, lost[:10]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=BLOBS_FOLDER)
 def test_sqlite_store_loses_nothing_acknowledged(mount: Mount) -> None:
-    acknowledged, lost = cut_trials(mount, "sqlite", trials=HOLE_TRIALS, hole="side-file folder not synced")
+    acknowledged, lost = cut_trials(mount, "sqlite", scenario="power cut during writes (new side-file folder)")
     assert acknowledged > 0
     assert not lost, lost[:10]
 
@@ -477,12 +470,10 @@ def test_sqlite_store_keeps_the_last_entry_of_an_idle_writer(mount: Mount, journ
     assert not lost, lost[:10]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("directory", marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=ISSUE_10 + "; also the store's own new root folder"))])
+@pytest.mark.parametrize("kind", ["sqlite", "directory"])
 def test_a_store_cut_while_being_created_opens(mount: Mount, kind: str) -> None:
     """A cut anywhere from the writer's start: the new store opens (or is absent), nothing acked is lost."""
-    _, lost = cut_trials(mount, kind, trials=IDLE_TRIALS + 1, fresh=True, scenario="power cut from the start",
-                         hole="issue 10" if kind == "directory" else "")
+    _, lost = cut_trials(mount, kind, trials=IDLE_TRIALS + 1, fresh=True, scenario="power cut from the start")
     assert not lost, lost[:10]
 
 
@@ -498,10 +489,8 @@ def test_directory_store_loses_nothing_in_existing_folders(mount: Mount) -> None
     assert not lost, lost[:10]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ISSUE_10)
 def test_directory_store_loses_nothing_in_new_folders(mount: Mount) -> None:
-    acknowledged, lost = cut_trials(mount, "directory", trials=HOLE_TRIALS,
-                                    scenario="power cut during writes (new folders)", hole="issue 10")
+    acknowledged, lost = cut_trials(mount, "directory", scenario="power cut during writes (new folders)")
     assert acknowledged > 0
     assert not lost, lost[:10]
 

@@ -15,18 +15,22 @@ reference file means reading its values).
 
 Patterns follow ``key_matcher``: without ``* ? [`` a pattern names a key and
 everything below it (``iters-000/deepmd`` matches ``iters-000/deepmd/red``
-but not ``iters-000/deepmd-old``); with them it is a glob over whole keys.
+but not ``iters-000/deepmd-old``); with them it is a glob over whole keys,
+except that a pattern that is exactly an existing key names that key alone
+(``iter[0]``, as ``ls`` printed it, is that key, not a glob matching
+``iter0``). ``pattern_rule`` says which rule a pattern takes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
 
-from ._errors import CheckpointError, ReadOnlyStoreError, StoreOpenError
-from ._keys import key_matcher
+from ._errors import CheckpointError, CorruptEntryError, InvalidKeyError, ReadOnlyStoreError, StoreOpenError
+from ._keys import is_glob, key_matcher
 from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
 from .stores._legacy import LegacyFileStore, backup_path, load_legacy_file
 
@@ -43,6 +47,11 @@ __all__ = [
     "migrate",
     "format_size",
     "format_duration",
+    "pattern_rule",
+    "describe_rule",
+    "entry_meta",
+    "json_line",
+    "printable_key",
 ]
 
 #: One glob/prefix pattern, or several, naming keys to leave out.
@@ -100,6 +109,46 @@ def _exclude_matcher(exclude: Exclude) -> Any:
     return lambda key: any(m(key) for m in matchers)
 
 
+def entry_meta(store: Store, key: str) -> dict[str, Any] | None:
+    """The metadata record of ``key``, or None; a damaged record is ``{'key', 'damaged'}``.
+
+    Never raises for a damaged record (``show`` prints it as damaged);
+    raises InvalidKeyError for a string that cannot be a key.
+    """
+    try:
+        return store.get_meta(key)
+    except CorruptEntryError as e:
+        return {"key": key, "damaged": e.reason}
+
+
+def pattern_rule(store: Store, pattern: str | None) -> str:
+    """Which rule ``pattern`` selects by in ``store``: ``"all"``, ``"exact key"``, ``"prefix"`` or ``"glob"``.
+
+    A pattern with glob characters that is also exactly an existing key is
+    that key: keys are printed as they are, so one copied from ``ls`` must
+    name that entry and nothing else.
+    """
+    if not pattern:
+        return "all"
+    if not is_glob(pattern):
+        return "prefix"
+    try:
+        return "exact key" if entry_meta(store, pattern) is not None else "glob"
+    except InvalidKeyError:
+        return "glob"
+
+
+def describe_rule(rule: str, pattern: str | None) -> str:
+    """One line saying how ``pattern`` was read (for ``rm --dry-run``)."""
+    if rule == "exact key":
+        return f"pattern {pattern!r} is an existing key: it names that entry alone (no glob applied)"
+    if rule == "glob":
+        return f"pattern {pattern!r} is a glob over whole keys ('*' also crosses '/')"
+    if rule == "prefix":
+        return f"pattern {pattern!r} names that key and every key below it"
+    return "no pattern: every entry"
+
+
 def iter_select(
     store: Store, pattern: str | None = None, exclude: Exclude = None
 ) -> Iterator[dict[str, Any]]:
@@ -111,10 +160,16 @@ def iter_select(
     Parameters:
         store: any open store.
         pattern: a key prefix or a glob (see the module docstring); None or
-            ``""`` selects everything.
+            ``""`` selects everything. A pattern that is exactly an existing
+            key selects that key alone (``pattern_rule``).
         exclude: one pattern or several, with the same rules, to leave out.
     """
     skip = _exclude_matcher(exclude)
+    if pattern and pattern_rule(store, pattern) == "exact key":
+        meta = entry_meta(store, pattern)
+        if meta is not None and (skip is None or not skip(meta["key"])):
+            yield meta
+        return
     for meta in store.iter_meta(pattern or None):
         if skip is None or not skip(meta["key"]):
             yield meta
@@ -132,9 +187,16 @@ def created_since(store: Store, key: str, pattern: str | None = None, exclude: E
     created time (none written by this library) are left out. Raises
     ``CheckpointError`` when ``key`` is not in the store.
     """
-    meta = store.get_meta(key)
+    meta = entry_meta(store, key)
     if meta is None:
         raise CheckpointError(f"no entry {key!r} in {store.location}; 'ls' shows the keys")
+    if "damaged" in meta or not isinstance(meta.get("created"), (int, float)):
+        # Guessing a time would remove too much (or too little).
+        raise CheckpointError(
+            f"cannot tell when {key!r} in {store.location} was created: its metadata is "
+            f"{'damaged (' + str(meta['damaged']) + ')' if 'damaged' in meta else 'without a created time'}. "
+            "Remove it by name, or give --from another key"
+        )
     since = float(meta.get("created") or 0.0)
     later = [m for m in iter_select(store, pattern, exclude)
              if m["key"] == key or float(m.get("created") or -1.0) >= since]
@@ -410,3 +472,31 @@ def format_duration(seconds: object) -> str:
         return f"{int(s // 60)}m{int(s % 60):02d}s"
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
+
+
+def json_line(record: Any) -> str:
+    """``record`` as one line of JSON that every line splitter keeps whole.
+
+    ``json.dumps`` leaves U+2028 and U+2029 raw (they are valid in JSON
+    strings), and ``str.splitlines()`` (and JavaScript) break lines there;
+    escaped, a key holding them stays on its line.
+    """
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+#: Characters that end a line for some reader: C0 controls and DEL (the key
+#: rules refuse these in new keys, but a reference file may hold them), NEL,
+#: and the Unicode line and paragraph separators (``str.splitlines`` splits there).
+_LINE_BREAKERS = frozenset([chr(c) for c in range(32)] + ["\x7f", "\x85", "\u2028", "\u2029"])
+
+
+def printable_key(key: str) -> str:
+    r"""``key`` on one line for people: characters that break lines escaped, the rest as is.
+
+    >>> printable_key("a\u2028b/é")
+    'a\\u2028b/é'
+    """
+    if not any(c in _LINE_BREAKERS for c in key):
+        return key
+    return "".join(c.encode("unicode_escape").decode("ascii") if c in _LINE_BREAKERS else c for c in key)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import logging
 import os
 import pprint
@@ -139,7 +138,9 @@ patterns:
   A pattern without * ? [ names a key and every key below it: iters-000/deepmd
   matches iters-000/deepmd and iters-000/deepmd/red, not iters-000/deepmd-old.
   With * ? [ it is a glob over whole keys, where * also crosses '/':
-  "iters-00[0-2]/*", "*/deepmd/*". Quote patterns so the shell leaves them alone.
+  "iters-00[0-2]/*", "*/deepmd/*". A pattern that is exactly an existing key
+  names that key alone (a key copied from 'ls', such as iter[0]). Quote
+  patterns so the shell leaves them alone.
 """
 
 
@@ -231,8 +232,8 @@ When stdin is a terminal, rm shows what will go and asks once. When it is not
 prints every key it removed; use --dry-run to look first.""",
         args=[_PATTERN_ARG], options=_rm_options,
         footer=_PATTERN_HELP + """
-A reference 2023 file is converted to the SQLite format before the first
-removal, with a backup copy written beside it (FILE.legacy-<time>.bak).
+A reference 2023 file is rewritten without the removed entries, never
+unpickled, after a backup copy beside it (FILE.legacy-<time>.bak).
 """,
         examples=['load ./checkpoint.pkl - rm "iters-000/deepmd"',
                   'load ./checkpoint.pkl - rm "iters-00[3-9]/*" --exclude "*/cp2k/*" --yes',
@@ -485,10 +486,8 @@ def parse(argv: Sequence[str], prog: str = PROG) -> _Plan:
 
 # -- output helpers ----------------------------------------------------------------------
 def _printable(key: str) -> str:
-    """A key on one line: control characters escaped, everything else as is."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        return key.encode("unicode_escape").decode("ascii")
-    return key
+    """A key on one line: characters that break lines escaped, everything else as is."""
+    return _ops.printable_key(key)
 
 
 def _when(t: object) -> str:
@@ -616,8 +615,7 @@ class CheckpointTool:
         if as_tree:
             count = self._print_tree(store, metas, depth)
         elif as_json:
-            count = self._print_lines(metas, lambda m: json.dumps(m, sort_keys=True, ensure_ascii=False,
-                                                                  default=str))
+            count = self._print_lines(metas, _ops.json_line)
         elif verbose:
             self._emit(f"{'CREATED':<19}  {'DURATION':>8}  {'SIZE':>9}  KEY  FUNCTION  CALL SITE")
             count = self._print_lines(metas, _verbose_line)
@@ -678,7 +676,7 @@ class CheckpointTool:
             record = dict(meta)
             if value:
                 record["value_repr"] = repr(loaded)
-            self._emit(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str))
+            self._emit(_ops.json_line(record))
             return self
         self._emit(f"{'key':<13} {_printable(meta.get('key', key))}")
         self._emit(f"{'store':<13} {store.location} ({store.kind})")
@@ -742,6 +740,8 @@ class CheckpointTool:
             self._emit(f"No entries {what}{excl} in {where}; nothing removed.")
             return self
         if dry_run:
+            if from_key is None:
+                self._note(_ops.describe_rule(_ops.pattern_rule(store, pattern), pattern))
             self._emit(f"Would remove {_entries(len(keys))} from {where}:")
             for line in _shorten(keys):
                 self._emit("  " + line)
@@ -765,8 +765,8 @@ class CheckpointTool:
             for line in _shorten(keys):
                 self._emit("removed " + line)
         self._emit(f"Removed {_entries(len(keys))} ({what}) from {store.location}.")
-        # A reference 2023 file was converted first: the library logs that
-        # with the backup's path, shown as one warning line on stderr.
+        # A reference 2023 file was rewritten after a backup: the library
+        # logs the backup's path, shown as one warning line on stderr.
         return self
 
     def _interactive(self) -> bool:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any, Optional, Union
 
 from .._errors import NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Hit, Store
 from ._directory import DirectoryStore, is_pickle_head
+from ._fs import file_kind, fix_for, read_head
 from ._legacy import LegacyFileStore, migrate_legacy_file
 from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
@@ -44,7 +46,9 @@ def open_store(
     """Open the store that ``location`` names, choosing the engine from what is there.
 
     - a ``postgresql://`` URL: the PostgreSQL store (needs the ``postgres`` extra);
-    - an existing directory: the directory store (reads reference 2024 directories);
+    - an existing directory: the directory store, when it is one (its marker,
+      or reference 2024 per-key files recognised without unpickling) or is
+      empty; any other folder is refused untouched (``adopt=True`` takes it);
     - an existing file: the SQLite store, or a reference 2023 pickle file;
     - a path that does not exist yet: created as ``prefer`` says, ``"file"``
       (SQLite) or ``"dir"`` (directory).
@@ -75,20 +79,27 @@ def _open(location: Any, prefer: str, readonly: bool, options: dict[str, Any], s
     if not isinstance(location, (str, os.PathLike)):
         raise StoreOpenError(repr(location), "a store location must be a path or a postgresql:// URL")
     path = os.path.abspath(os.fspath(location))
-    if os.path.isdir(path):
-        return DirectoryStore(path, readonly=readonly)
-    if os.path.exists(path):
+    adopt = bool(options.pop("adopt", False))
+    st = _stat(path)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return DirectoryStore(path, readonly=readonly, adopt=adopt)
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            # Never opened: a FIFO would block the open for ever, a device answer anything.
+            raise NotACheckpointStoreError(path, f"it is {file_kind(st.st_mode)}",
+                                           "Pick a regular file or a folder; it is left untouched")
         try:
-            with open(path, "rb") as f:
-                head = f.read(16)
+            head = read_head(path, 16)
         except PermissionError as e:
             raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
+        except OSError as e:
+            raise StoreOpenError(path, f"cannot read it ({e.strerror or e})", fix_for(e)) from e
         if head.startswith(SQLITE_MAGIC):
             return SQLiteStore(path, readonly=readonly, **options)
         if is_pickle_head(head):
             if signed:
-                # Reading this format means unpickling the whole file, which
-                # runs whatever it holds: exactly what a signing key is for.
+                # A hit would unpickle the whole file, which runs whatever it
+                # holds: exactly what a signing key is for.
                 raise StoreOpenError(
                     path, "it is a reference pickle file, which carries no signatures, "
                     "and a signing key is in use; it was not unpickled",
@@ -109,6 +120,20 @@ def _open(location: Any, prefer: str, readonly: bool, options: dict[str, Any], s
     if prefer == "dir":
         return DirectoryStore(path)
     return SQLiteStore(path, **options)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    """``os.stat(path)``, None when nothing is there; other failures as one-line errors."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError as e:
+        raise StoreOpenError(path, "a parent of the path is a file, not a folder", "Check the path") from e
+    except PermissionError as e:
+        raise StoreOpenError(path, "permission denied", "Check the permissions of its folders") from e
+    except OSError as e:
+        raise StoreOpenError(path, e.strerror or str(e), fix_for(e)) from e
 
 
 def _redact(url: str) -> str:

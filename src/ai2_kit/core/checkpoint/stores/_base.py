@@ -225,8 +225,15 @@ class Store(ABC):
         return None
 
     def get_meta(self, key: str) -> Optional[dict[str, Any]]:
-        """The metadata record of ``key`` (never unpickles), or None."""
-        return self._get_meta(validate_key(key))
+        """The metadata record of ``key`` (never unpickles), or None.
+
+        Raises CorruptEntryError when the record itself is damaged.
+        """
+        key = validate_key(key)
+        try:
+            return self._get_meta(key)
+        except (ValueError, UnicodeDecodeError) as e:  # a damaged record, not a bad argument
+            raise CorruptEntryError(self.location, key, f"its metadata record is damaged ({e})") from e
 
     def __contains__(self, key: object) -> bool:
         return self._get_meta(validate_key(key)) is not None

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
+import stat
 import struct
 import time
 from typing import Any, Iterator
 
 from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, verifier_for, write_all
-from .._errors import InvalidKeyError, NewerFormatError, NotACheckpointStoreError, StoreOpenError
+from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
-from ._fs import HOST, fsync_dir, left_by_dead_writer, temp_name
+from ._fs import (
+    HOST,
+    NotRegularFileError,
+    fix_for,
+    fsync_dir,
+    fsync_parents,
+    left_by_dead_writer,
+    make_dirs,
+    open_regular,
+    read_head,
+    temp_name,
+)
+from ._inert import HEAD_BYTES, inert_load, is_reference_record_head
 
-__all__ = ["DirectoryStore", "ENTRY_MAGIC", "MARKER", "legacy_meta", "is_pickle_head"]
+__all__ = ["DirectoryStore", "ENTRY_MAGIC", "MARKER", "legacy_meta", "is_pickle_head", "is_reference_entry"]
 
 ENTRY_MAGIC = b"A2KE"
 SUFFIX = ".ckpt"
@@ -24,6 +38,11 @@ MARKER = ".ai2-kit-checkpoint"
 CLAIMS = ".claims"
 _U32 = struct.Struct("<I")
 _MAX_NAME = 250  # bytes; most file systems allow 255 per name
+#: Marks a path component shortened to fit a file name: the head of the
+#: quoted part, ``%L``, then a digest of the whole part. ``_quote`` turns every
+#: '%' into '%25', so no unshortened component contains ``%L``.
+_SHORT = "%L"
+_SHORT_HEAD = 150  # bytes of the part kept in front of the digest, for people reading the tree
 
 
 def is_pickle_head(head: bytes) -> bool:
@@ -46,15 +65,34 @@ def _unquote(part: str) -> str:
     return part.replace("%2E", ".").replace("%25", "%")
 
 
+def _encode_part(part: str) -> str:
+    """The file name of one key part (without the suffix), shortened by a digest when too long.
+
+    A valid key may be 1,024 bytes, a file name only 255: a long part keeps
+    its head and gets a digest of the whole part; the full key is in the
+    entry's metadata, which listing reads for such names.
+    """
+    quoted = _quote(part)
+    if len(quoted.encode("utf-8")) + len(SUFFIX) <= _MAX_NAME:
+        return quoted
+    head = quoted.encode("utf-8")[:_SHORT_HEAD].decode("utf-8", "ignore")
+    cut = head.rfind("%")
+    if cut >= 0 and cut > len(head) - 3:  # never end inside a %XX escape
+        head = head[:cut]
+    return head + _SHORT + hashlib.sha256(part.encode("utf-8")).hexdigest()[:40]
+
+
 def legacy_meta(key: str, record: object, base: dict[str, Any]) -> dict[str, Any]:
     """Metadata for a reference-format record ``{'return', 'is_awaitable', 'info'}``."""
     meta = dict(base)
     if isinstance(record, dict):
         info = record.get("info") or {}
         if isinstance(info, dict):
-            meta.setdefault("fn_name", info.get("fn_name"))
-            meta.setdefault("call_site", info.get("call_site"))
-        meta["is_awaitable"] = bool(record.get("is_awaitable", False))
+            for name in ("fn_name", "call_site"):
+                value = info.get(name)
+                # Only plain strings: under the inert reader anything else is a placeholder.
+                meta.setdefault(name, value if isinstance(value, str) or value is None else repr(value))
+        meta["is_awaitable"] = record.get("is_awaitable", False) is True
     return meta
 
 
@@ -62,6 +100,40 @@ def unwrap_legacy(key: str, record: object) -> Any:
     if not isinstance(record, dict) or "return" not in record:
         raise ValueError(f"reference record for {key!r} has no 'return' field")
     return record["return"]
+
+
+def is_reference_entry(path: str) -> bool:
+    """Whether ``path`` is a regular file that starts like a reference per-key record.
+
+    Looks at the file's type (never opening a FIFO or device) and its first
+    bytes; nothing is unpickled.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        return is_reference_record_head(read_head(path, HEAD_BYTES))
+    except OSError:
+        return False
+
+
+def _is_our_entry_file(path: str) -> bool:
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        return read_head(path, len(ENTRY_MAGIC)) == ENTRY_MAGIC
+    except OSError:
+        return False
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _is_our_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 class DirectoryStore(Store):
@@ -72,52 +144,123 @@ class DirectoryStore(Store):
     pid, fsync it and rename it into place: readers see the old entry or the
     new one, never half of one, with no lock at all, which is what keeps it
     safe on NFS and Lustre. Leftover temporary files of killed writers are
-    hidden names and ignored. Files of the reference's 2024 layout (a
-    cloudpickle dict at ``DIR/a/b/c``) are read as they are.
+    hidden names and ignored.
+
+    Trust: the store reads, lists, overwrites and deletes only what it can
+    recognise as its own (the marker file ``DIR/.ai2-kit-checkpoint``, the
+    ``.ckpt`` suffix and the entry magic) or as a per-key file of the
+    reference's 2024 layout (a pickle whose first bytes are the reference's
+    record, recognised without unpickling). An existing folder that holds
+    neither, nor is empty, is refused untouched (``adopt=True`` takes it
+    anyway; its other files stay invisible to the store).
     """
 
     kind = "directory"
     supports_claims = True
 
-    def __init__(self, path: str, *, readonly: bool = False, create: bool = True) -> None:
+    def __init__(self, path: str, *, readonly: bool = False, create: bool = True, adopt: bool = False) -> None:
         path = os.path.abspath(os.fspath(path))
         super().__init__(path, readonly=readonly)
         self.root = path
-        if os.path.exists(path) and not os.path.isdir(path):
+        self._marker_ok = False
+        #: "current" (marked, or holding our entries), "reference-dir", or "new" (empty).
+        self.layout = "current"
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except NotADirectoryError as e:
+            raise StoreOpenError(path, "a parent of the path is a file, not a folder", "Check the path") from e
+        except PermissionError as e:
+            raise StoreOpenError(path, "permission denied", "Check the permissions of its folders") from e
+        except OSError as e:  # a loop of links, a name too long...
+            raise StoreOpenError(path, e.strerror or str(e), fix_for(e)) from e
+        if st is not None and not stat.S_ISDIR(st.st_mode):
             raise NotACheckpointStoreError(
                 path, "it is a file, not a directory",
                 "Use set_checkpoint_file() for a single-file store",
             )
-        if not os.path.isdir(path):
+        if st is None:
             if not create or readonly:
                 raise StoreOpenError(path, "no such directory", "Check the path")
-            os.makedirs(path, exist_ok=True)
-        self._marker_ok = False
+            self._create_root()
+            return
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise StoreOpenError(path, "permission denied", "Check the directory's permissions")
         marker = os.path.join(path, MARKER)
-        if os.path.exists(marker):
-            try:
-                with open(marker, encoding="utf-8") as f:
-                    info = json.load(f)
-                found = int(info["format"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise NotACheckpointStoreError(
-                    path, f"its marker file {MARKER} is unreadable ({e})",
-                    "Restore or remove the marker file",
-                ) from e
-            if found > FORMAT_VERSION:
-                err = NewerFormatError(path, found, FORMAT_VERSION, str(info.get("created_by", "")))
-                self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
-            self._marker_ok = True
+        if os.path.lexists(marker):
+            self._read_marker(marker)
+        else:
+            self._classify(adopt)
         if not self.readonly and not os.access(path, os.W_OK):
             self.readonly, self.readonly_reason = True, "no write permission on the directory"
+        if adopt and not self.readonly:
+            self._ensure_marker()
+
+    def _create_root(self) -> None:
+        try:
+            created = make_dirs(self.root, "")
+            self._ensure_marker()
+        except OSError as e:
+            raise StoreOpenError(self.root, f"cannot create the directory ({e.strerror or e})",
+                                 fix_for(e)) from e
+        # The new folders' names live in their parents: durable only once those are fsynced.
+        fsync_parents(created)
+        self.layout = "current"
+
+    def _read_marker(self, marker: str) -> None:
+        try:
+            with open_regular(marker) as f:
+                info = json.loads(f.read(1 << 16).decode("utf-8"))
+            found = int(info["format"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NotACheckpointStoreError(
+                self.root, f"its marker file {MARKER} is unreadable ({e})",
+                "Restore or remove the marker file",
+            ) from e
+        if found > FORMAT_VERSION:
+            err = NewerFormatError(self.root, found, FORMAT_VERSION, str(info.get("created_by", "")))
+            self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
+        self._marker_ok = True
+
+    def _classify(self, adopt: bool) -> None:
+        """Decide, without unpickling anything, whether an unmarked folder is a store.
+
+        Stops at the first file it recognises (our entry, or a reference
+        per-key file); a folder with no file at all is a new, empty store.
+        Anything else is somebody's folder: refused, untouched.
+        """
+        foreign: str | None = None
+        problem: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=problem.append):
+            dirnames[:] = sorted(d for d in dirnames if not (dirpath == self.root and d == CLAIMS))
+            for name in sorted(filenames):
+                if _is_our_temp(name):
+                    continue
+                path = os.path.join(dirpath, name)
+                if name.endswith(SUFFIX) and _is_our_entry_file(path):
+                    self.layout = "current"
+                    return
+                if not name.startswith(".") and is_reference_entry(path):
+                    self.layout = "reference-dir"
+                    return
+                if foreign is None:
+                    foreign = path
+        if foreign is None and problem:
+            foreign = problem[0].filename or self.root
+        if foreign is None or adopt:
+            self.layout = "new"
+            return
+        raise NotACheckpointStoreError(
+            self.root,
+            f"the folder holds files that no checkpoint store wrote (such as {os.path.relpath(foreign, self.root)!r})"
+            f" and no marker file {MARKER}",
+            "Pick a new or empty folder for the checkpoint store; nothing in this one was changed",
+        )
 
     # -- paths ----------------------------------------------------------------
     def _parts(self, key: str) -> list[str]:
-        parts = [_quote(p) for p in key.split("/")]
-        for p in parts:
-            if len(p.encode("utf-8")) + len(SUFFIX) > _MAX_NAME:
-                raise InvalidKeyError(key, f"the part {p[:20]!r}... is too long for a file name")
-        return parts
+        return [_encode_part(p) for p in key.split("/")]
 
     def _path(self, key: str) -> str:
         parts = self._parts(key)
@@ -139,29 +282,44 @@ class DirectoryStore(Store):
             raise ValueError(f"{path} is truncated")
         return meta_from_json(text)
 
-    def _read_meta_file(self, path: str) -> dict[str, Any] | None:
+    def _open_entry(self, path: str) -> Any:
+        """Our entry file at ``path`` opened for reading, or None when there is none."""
         try:
-            with open(path, "rb") as f:
-                return self._read_head(f, path)
-        except FileNotFoundError:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                # We never write links; following one would read (and a
+                # rerun replace) something outside the store.
+                raise ValueError(f"{path} is a symbolic link, not an entry file")
+            return open_regular(path)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except NotRegularFileError as e:
+            raise ValueError(f"{path}: {e.strerror}") from e
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                return None
+            raise
+
+    def _read_meta_file(self, path: str) -> dict[str, Any] | None:
+        f = self._open_entry(path)
+        if f is None:
+            return None
+        with f:
+            return self._read_head(f, path)
 
     def _legacy_base(self, key: str, path: str) -> dict[str, Any] | None:
+        """Listing fields of a reference per-key file at ``path``, or None if there is none."""
         try:
-            st = os.stat(path)
-            with open(path, "rb") as f:
-                head = f.read(2)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            st = os.lstat(path)
+        except OSError:  # missing, a file where a folder is, a name too long...
             return None
-        if not os.path.isfile(path) or not is_pickle_head(head):
+        if not stat.S_ISREG(st.st_mode) or not is_reference_entry(path):
             return None
         return {"key": key, "legacy": "reference-dir", "size": st.st_size, "created": st.st_mtime}
 
     def _get(self, key: str) -> tuple[dict[str, Any], Loader] | None:
         path = self._path(key)
-        try:
-            f = open(path, "rb", buffering=0)
-        except (FileNotFoundError, NotADirectoryError):
+        f = self._open_entry(path)
+        if f is None:
             return self._get_legacy(key)
         try:
             meta = self._read_head(f, path)
@@ -183,7 +341,9 @@ class DirectoryStore(Store):
         meta = dict(base)
 
         def load(signer: Signer | None) -> Any:
-            with open(path, "rb") as f:
+            # The one place a reference file is unpickled: a hit the workflow
+            # asked for (Store._load refuses it first when a signing key is set).
+            with open_regular(path) as f:
                 record = pickle.load(f)  # cloudpickle's output needs no cloudpickle to load
             meta.update(legacy_meta(key, record, meta))
             return unwrap_legacy(key, record)
@@ -193,30 +353,52 @@ class DirectoryStore(Store):
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         meta = self._read_meta_file(self._path(key))
         if meta is None:
-            return self._legacy_base(key, self._legacy_path(key))
+            path = self._legacy_path(key)
+            meta = self._legacy_base(key, path)
+            if meta is not None:
+                meta = self._legacy_details(key, path, meta)
         return meta
+
+    @staticmethod
+    def _legacy_details(key: str, path: str, base: dict[str, Any]) -> dict[str, Any]:
+        """A reference file's own fields, read through the inert unpickler (nothing runs)."""
+        try:
+            with open_regular(path) as f:
+                record = inert_load(f)
+            unwrap_legacy(key, record)
+        except Exception as e:  # any failure to parse is damage of that file
+            return {**base, "damaged": f"the reference file cannot be read ({type(e).__name__}: {e})"}
+        return legacy_meta(key, record, base)
 
     # -- writing ----------------------------------------------------------------
     def _ensure_marker(self) -> None:
         if self._marker_ok:
             return
         marker = os.path.join(self.root, MARKER)
-        if not os.path.exists(marker):
+        if not os.path.lexists(marker):
             tmp = temp_name(marker)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"format": FORMAT_VERSION, "created_by": library_version()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, marker)
+            try:
+                with open(tmp, "x", encoding="utf-8") as f:
+                    json.dump({"format": FORMAT_VERSION, "created_by": library_version()}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, marker)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(self.root)
         self._marker_ok = True
+        self.layout = "current"
 
     def _put(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
         self._ensure_marker()
         final = self._path(key)
         parent = os.path.dirname(final)
         meta_bytes = meta_to_json(meta).encode("utf-8")
+        created: list[str] = []
         for attempt in range(5):
-            os.makedirs(parent, exist_ok=True)
+            created += make_dirs(parent, self.root)
             tmp = temp_name(final)
             try:
                 f = open(tmp, "xb", buffering=0)
@@ -238,6 +420,9 @@ class DirectoryStore(Store):
                 raise
             break
         fsync_dir(parent)
+        # Each new folder's name is an entry of its parent: without these a
+        # power cut can drop the folder and the entry just written in it.
+        fsync_parents(created)
         legacy = self._legacy_path(key)
         if self._legacy_base(key, legacy) is not None:
             # Ours now shadows the reference file; remove it so ls shows one entry.
@@ -245,18 +430,39 @@ class DirectoryStore(Store):
                 os.unlink(legacy)
 
     def _delete(self, key: str) -> bool:
+        return self._delete_many([key]) == 1
+
+    def _unlink_entry(self, key: str) -> str | None:
+        """Remove ``key``'s files; the folder they were in, or None when there were none."""
         removed = False
         path = self._path(key)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            os.unlink(path)
-            removed = True
+        # Only a file that is ours by its marks: the suffix and the magic, or
+        # the suffix in a folder we marked (then a bad magic is damage).
+        if _is_regular(path) and (self._marker_ok or _is_our_entry_file(path)):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(path)
+                removed = True
         legacy = self._legacy_path(key)
         if self._legacy_base(key, legacy) is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(legacy)
                 removed = True
-        if removed:
-            self._prune(os.path.dirname(path))
+        return os.path.dirname(path) if removed else None
+
+    def _delete_many(self, keys: list[str]) -> int:
+        folders: dict[str, None] = {}
+        removed = 0
+        for key in keys:
+            folder = self._unlink_entry(key)
+            if folder is not None:
+                removed += 1
+                folders.setdefault(folder)
+        # A removal that a power cut undid would bring a stale result back:
+        # each folder that lost names is fsynced, once, before returning.
+        for folder in folders:
+            fsync_dir(folder)
+        for folder in sorted(folders, key=len, reverse=True):
+            self._prune(folder)
         return removed
 
     def _prune(self, folder: str) -> None:
@@ -358,22 +564,28 @@ class DirectoryStore(Store):
         return removed
 
     # -- listing ----------------------------------------------------------------
-    def _scan(self, prefix: str) -> list[tuple[str, str, bool]]:
-        """(key, path, is_ours) for every entry whose key starts with ``prefix``.
+    def _scan(self, prefix: str) -> list[tuple[str | None, str, bool]]:
+        """(key, path, is_ours) for every entry whose key may start with ``prefix``.
 
         Names only, no file is opened: sorting needs every key first, because
-        walk order is not key order ('a-c' sorts before 'a/b').
+        walk order is not key order ('a-c' sorts before 'a/b'). The key is
+        None for our files under a shortened (too long) name: only their
+        metadata knows it.
         """
         found: dict[str, tuple[str, bool]] = {}
+        unknown: list[str] = []
         top = self.root
         if "/" in prefix:
             # Start at the deepest folder the prefix names; keys with '%', a
-            # leading '.' or a '.ckpt' part are quoted on disk, so only plain
-            # folder names narrow the walk.
+            # leading '.', a '.ckpt' part or a long part are encoded on disk,
+            # so only plain folder names narrow the walk.
             folders = prefix.rsplit("/", 1)[0].split("/")
-            if all(_quote(p) == p for p in folders):
+            if all(_encode_part(p) == p for p in folders):
                 top = os.path.join(self.root, *folders)
+
         def unreadable(e: OSError) -> None:
+            if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+                return  # no such folder (an empty prefix), or removed while we walk
             # A folder we may not read would silently hide its entries.
             raise StoreOpenError(e.filename or self.root, f"cannot read a folder of the store ({e.strerror})",
                                  "Check the permissions of the store's folders")
@@ -382,30 +594,66 @@ class DirectoryStore(Store):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = os.path.relpath(dirpath, self.root)
             rel_parts = [] if rel == "." else rel.split(os.sep)
+            short_dir = any(_SHORT in p for p in rel_parts)
             for name in filenames:
                 if name.startswith("."):
                     continue  # the marker, temporary files of killed writers
                 path = os.path.join(dirpath, name)
                 if name.endswith(SUFFIX):
+                    if short_dir or _SHORT in name:
+                        unknown.append(path)
+                        continue
                     key = "/".join(_unquote(p) for p in [*rel_parts, name[: -len(SUFFIX)]])
                     if key.startswith(prefix):
                         found[key] = (path, True)
                         continue
+                if short_dir:
+                    continue  # the reference never wrote names this long
                 key = "/".join([*rel_parts, name])
                 if key.startswith(prefix):
                     found.setdefault(key, (path, False))
-        return [(k, p, ours) for k, (p, ours) in sorted(found.items())]
+        out: list[tuple[str | None, str, bool]] = [(k, p, ours) for k, (p, ours) in sorted(found.items())]
+        return out + [(None, p, True) for p in sorted(unknown)]
+
+    def _entry_meta(self, key: str | None, path: str) -> dict[str, Any] | None:
+        """The metadata of our entry file at ``path``, or a damage record; None if not ours."""
+        shown = key if key is not None else os.path.relpath(path, self.root)
+        if not _is_regular(path):
+            return None  # we write only regular files: a FIFO, socket or link is someone else's
+        try:
+            meta = self._read_meta_file(path)
+        except ValueError as e:
+            if not self._marker_ok and not _is_our_entry_file(path):
+                return None  # someone else's '.ckpt' file in a folder we did not mark
+            return {"key": shown, "damaged": str(e)}
+        except OSError as e:
+            return {"key": shown, "damaged": f"cannot read {path} ({e.strerror or e})"}
+        if meta is None:
+            return None  # removed while listing
+        real = meta.get("key")
+        if key is None:
+            if not isinstance(real, str) or self._path(real) != path:
+                return {"key": shown, "damaged": f"{path} holds entry {real!r}"}
+        elif real != key:
+            return {"key": key, "damaged": f"{path} holds entry {real!r}"}
+        return meta
 
     def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]:
-        for key, path, ours in self._scan(prefix):
-            if ours:
-                try:
-                    meta = self._read_meta_file(path)
-                except ValueError as e:
-                    meta = {"key": key, "damaged": str(e)}
-                if meta is not None and meta.get("key") != key:
-                    meta = {"key": key, "damaged": f"{path} holds entry {meta.get('key')!r}"}
+        scanned = self._scan(prefix)
+        # Entries under shortened names: their key, hence their place in the
+        # order, is known only from their metadata.
+        resolved: list[tuple[str, str, bool, dict[str, Any] | None]] = []
+        for key, path, ours in scanned:
+            if key is None:
+                meta = self._entry_meta(None, path)
+                if meta is not None and str(meta["key"]).startswith(prefix):
+                    resolved.append((str(meta["key"]), path, ours, meta))
             else:
-                meta = self._legacy_base(key, path)
+                resolved.append((key, path, ours, None))
+        if any(k is None for k, _, _ in scanned):
+            resolved.sort(key=lambda r: r[0])
+        for key, path, ours, meta in resolved:
+            if meta is None:
+                meta = self._entry_meta(key, path) if ours else self._legacy_base(key, path)
             if meta is not None:
                 yield meta

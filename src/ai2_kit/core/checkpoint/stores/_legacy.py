@@ -15,33 +15,55 @@ from .._codec import Encoded
 from .._errors import NotACheckpointStoreError, StoreOpenError
 from ._base import Loader, Store
 from ._directory import legacy_meta, unwrap_legacy
-from ._fs import fsync_dir, temp_name
+from ._fs import NotRegularFileError, fix_for, fsync_dir, open_regular, temp_name
+from ._inert import inert_load, inert_loads, remove_keys, shape
 from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
-__all__ = ["LegacyFileStore", "migrate_legacy_file", "load_legacy_file"]
+__all__ = ["LegacyFileStore", "migrate_legacy_file", "load_legacy_file", "read_legacy_file", "remove_from_legacy_file"]
 
 logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 
-def load_legacy_file(path: str) -> dict[str, Any]:
-    """Unpickle a reference 2023 checkpoint file: ``{key: record}``."""
+def _read(path: str, loader: Any) -> Any:
     try:
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        with open_regular(path) as f:
+            return loader(f)
+    except NotRegularFileError as e:
+        raise NotACheckpointStoreError(path, str(e.strerror), "Pick a checkpoint file") from e
     except PermissionError as e:
         raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
+    except OSError as e:
+        raise StoreOpenError(path, f"cannot read it ({e.strerror or e})", fix_for(e)) from e
     except Exception as e:
         raise NotACheckpointStoreError(
             path,
             f"it looks like a reference pickle file but cannot be read ({type(e).__name__}: {e})",
             "It may be truncated; restore it from a backup. The file is left untouched",
         ) from e
+
+
+def _check_shape(path: str, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise NotACheckpointStoreError(
             path, f"the pickle holds a {type(data).__name__}, not a dict of checkpoint entries",
             "Pick another path; the file is left untouched",
         )
     return data
+
+
+def read_legacy_file(path: str) -> dict[str, Any]:
+    """A reference 2023 file's ``{key: record}`` through the inert unpickler: nothing runs.
+
+    Values come back as structure with placeholders where objects were;
+    strings, numbers and flags (function name, call site, is_awaitable) as
+    they are. Raises NotACheckpointStoreError for anything else.
+    """
+    return _check_shape(path, _read(path, inert_load))
+
+
+def load_legacy_file(path: str) -> dict[str, Any]:
+    """Unpickle a reference 2023 checkpoint file: ``{key: record}``. This runs the file's code."""
+    return _check_shape(path, _read(path, pickle.load))
 
 
 def backup_path(path: str) -> str:
@@ -116,12 +138,85 @@ def migrate_legacy_file(path: str) -> tuple[SQLiteStore, Optional[str], int]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-class LegacyFileStore(Store):
-    """Reads a reference 2023 file (one cloudpickle dict); the first write migrates it.
+def remove_from_legacy_file(path: str, keys: list[str]) -> tuple[int, str | None]:
+    """Remove ``keys`` from a reference 2023 file in place, without unpickling it.
 
-    Reading needs the whole dict unpickled, as the reference did. Any write
-    (put or delete) first migrates the file to the SQLite store, with a
-    backup, and from then on this object forwards everything to that store.
+    Under the same lock file as migration, the file is re-read, a backup is
+    written beside it (``PATH.legacy-<time>.bak``), the new bytes are built
+    opcode by opcode (``_inert.remove_keys``), checked through the inert
+    unpickler (the keys left, and each kept record's structure unchanged),
+    written under a temporary name, fsynced and renamed over the file.
+    Returns (number removed, backup path or None when nothing matched).
+    If someone migrated the file to SQLite meanwhile, the keys are removed
+    there.
+    """
+    path = os.path.abspath(path)
+    head, tail = os.path.split(path)
+    lock_path = os.path.join(head, f".{tail}.migrate.lock")
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            with open_regular(path) as f:
+                data = f.read()
+            if data.startswith(SQLITE_MAGIC):
+                with SQLiteStore(path) as store:
+                    return store.delete_many(keys), None
+            before = _check_shape(path, _read(path, inert_load))
+            drop = {k for k in keys if k in before}
+            if not drop:
+                return 0, None
+            hint = f"Convert it first with 'ai2-kit tool checkpoint migrate {path}' (which unpickles it)"
+            try:
+                new, left = remove_keys(data, drop)
+                after = _check_shape(path, inert_loads(new))
+                # Read back: the keys left, and each kept record exactly as it was.
+                same = list(after) == left and all(shape(after[k]) == shape(before[k]) for k in left)
+            except Exception as e:  # a layout remove_keys does not follow, or too deep to compare
+                raise NotACheckpointStoreError(
+                    path, f"its layout is not one this tool can edit without unpickling ({type(e).__name__}: {e})",
+                    hint,
+                ) from e
+            if not same:
+                raise NotACheckpointStoreError(
+                    path, "removing entries would change the ones that stay; nothing was changed", hint
+                )
+            backup = backup_path(path)
+            shutil.copy2(path, backup)
+            with open(backup, "rb") as f:
+                os.fsync(f.fileno())
+            tmp = temp_name(path)
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(new)
+                    f.flush()
+                    os.fsync(f.fileno())
+                shutil.copystat(path, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            fsync_dir(head)
+            logger.warning(
+                "Removed %d %s from reference checkpoint file %s without unpickling it; "
+                "the original is kept at %s", len(drop), "entry" if len(drop) == 1 else "entries", path, backup,
+            )
+            return len(drop), backup
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+class LegacyFileStore(Store):
+    """A reference 2023 file (one cloudpickle dict), read without running it.
+
+    Opening, listing, showing and verifying read the file through the inert
+    unpickler (``_inert``): keys and each record's function, call site and
+    flags, never a call. A hit unpickles the file for real, as the reference
+    did (and is refused when a signing key is set: the format has no
+    signatures). Removing entries rewrites the file without them, still
+    without unpickling, after a backup. A new entry (put) migrates the file
+    to the SQLite store first, with a backup, and from then on this object
+    forwards everything to that store.
     """
 
     kind = "legacy-file"
@@ -130,7 +225,8 @@ class LegacyFileStore(Store):
         path = os.path.abspath(path)
         super().__init__(path, readonly=readonly)
         self.path = path
-        self._data = load_legacy_file(path)
+        self._data = read_legacy_file(path)
+        self._loaded: dict[str, Any] | None = None  # the real unpickled dict, after a hit
         self._created = os.stat(path).st_mtime
         self._sqlite: SQLiteStore | None = None
         self.backup: str | None = None
@@ -138,20 +234,33 @@ class LegacyFileStore(Store):
     def _migrated(self) -> SQLiteStore:
         if self._sqlite is None:
             self._sqlite, self.backup, _ = migrate_legacy_file(self.path)
-            self._data = {}
+            self._data, self._loaded = {}, None
             self.kind = "sqlite"
         return self._sqlite
 
     def _meta(self, key: str, record: Any) -> dict[str, Any]:
-        return legacy_meta(key, record, {"key": key, "legacy": "reference-file", "created": self._created})
+        meta = legacy_meta(key, record, {"key": key, "legacy": "reference-file", "created": self._created})
+        if not isinstance(record, dict) or "return" not in record:
+            meta["damaged"] = "the reference record has no 'return' field"
+        return meta
+
+    def _real(self) -> dict[str, Any]:
+        if self._loaded is None:
+            self._loaded = load_legacy_file(self.path)
+        return self._loaded
 
     def _get(self, key: str) -> tuple[dict[str, Any], Loader] | None:
         if self._sqlite is not None:
             return self._sqlite._get(key)
         if key not in self._data:
             return None
-        record = self._data[key]
-        return self._meta(key, record), lambda signer: unwrap_legacy(key, record)
+
+        def load(signer: Any) -> Any:
+            # The one place this file is unpickled: a hit the caller asked for.
+            record = self._real().get(key)
+            return unwrap_legacy(key, record)
+
+        return self._meta(key, self._data[key]), load
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         if self._sqlite is not None:
@@ -162,10 +271,16 @@ class LegacyFileStore(Store):
         self._migrated()._put(key, meta, encoded)
 
     def _delete(self, key: str) -> bool:
-        return self._migrated()._delete(key)
+        return self._delete_many([key]) == 1
 
     def _delete_many(self, keys: list[str]) -> int:
-        return self._migrated()._delete_many(keys)
+        if self._sqlite is not None:
+            return self._sqlite._delete_many(keys)
+        removed, backup = remove_from_legacy_file(self.path, keys)
+        if backup is not None:
+            self.backup = backup
+        self._data, self._loaded = read_legacy_file(self.path), None
+        return removed
 
     def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]:
         if self._sqlite is not None:

@@ -14,7 +14,18 @@ from typing import Any, Iterator, Optional
 from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
-from ._fs import HOST, fsync_dir, is_network_fs, left_by_dead_writer, temp_name
+from ._fs import (
+    HOST,
+    NotRegularFileError,
+    fix_for,
+    fsync_dir,
+    fsync_parents,
+    is_network_fs,
+    left_by_dead_writer,
+    make_dirs,
+    read_head,
+    temp_name,
+)
 
 __all__ = ["SQLiteStore", "APPLICATION_ID", "SQLITE_MAGIC", "INLINE_MAX"]
 
@@ -83,6 +94,7 @@ class SQLiteStore(Store):
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._ro_plain: bool | None = None  # see _connect_readonly
         if os.path.isdir(path):
             raise NotACheckpointStoreError(
                 path, "it is a directory", "Use set_checkpoint_dir() for a directory store"
@@ -109,33 +121,40 @@ class SQLiteStore(Store):
         ``link`` fails if someone else won the race, and we use theirs.
         """
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
         tmp = temp_name(self.path)
-        conn = sqlite3.connect(tmp, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=DELETE")
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT INTO store_info VALUES ('created_by', ?)", (library_version(),)
-            )
+            created = make_dirs(parent, "")
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=DELETE")
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+                conn.executescript(_SCHEMA)
+                conn.execute(
+                    "INSERT INTO store_info VALUES ('created_by', ?)", (library_version(),)
+                )
+            finally:
+                conn.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass
+            except OSError:
+                # File systems without hard links: rename, accepting a tiny race.
+                if not os.path.exists(self.path):
+                    os.replace(tmp, self.path)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreOpenError(self.path, *_cannot_create(parent, e)) from e
         finally:
-            conn.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, self.path)
-        except FileExistsError:
-            pass
-        except OSError:
-            # File systems without hard links: rename, accepting a tiny race.
-            if not os.path.exists(self.path):
-                os.replace(tmp, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp + "-journal")
         fsync_dir(parent)
+        # New folders on the way: their names are durable only once their parents are fsynced.
+        fsync_parents(created)
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
@@ -150,6 +169,17 @@ class SQLiteStore(Store):
         return conn
 
     def _connect_readonly(self) -> sqlite3.Connection:
+        if self._ro_plain is None:
+            self._ro_plain = _wal_at_rest(self.path)
+        if self._ro_plain:
+            # A WAL database nobody has open: a read-only connection would
+            # create -wal and -shm files and leave them behind (it may not
+            # remove them). A normal connection that may not write removes
+            # them when it closes, so reading leaves the folder as it was.
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA query_only=1")
+            return conn
         base = "file:" + _uri_path(self.path) + "?mode=ro"
         conn = sqlite3.connect(base, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                check_same_thread=False)
@@ -261,7 +291,8 @@ class SQLiteStore(Store):
         return os.path.join(self.blob_dir, name)
 
     def _write_blob(self, encoded: Encoded) -> str:
-        os.makedirs(self.blob_dir, exist_ok=True)
+        # A new folder's name lives in its parent: fsynced with the blob below.
+        created = make_dirs(self.blob_dir, "") if not os.path.isdir(self.blob_dir) else []
         # Who wrote it is in the name, so that a side file left by a writer
         # that died before its commit can be recognised and removed.
         name = f"{secrets.token_hex(12)}.{os.getpid()}.{HOST}.frame"
@@ -277,6 +308,7 @@ class SQLiteStore(Store):
                 os.unlink(path)
             raise
         fsync_dir(self.blob_dir)
+        fsync_parents(created)
         return name
 
     def _put(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
@@ -462,12 +494,18 @@ def _uri_path(path: str) -> str:
 
 
 def check_sqlite_header(path: str) -> None:
-    """Refuse anything at ``path`` that is not an SQLite file, naming the path."""
+    """Refuse anything at ``path`` that is not an SQLite file, naming the path.
+
+    Never blocks: a FIFO or device is refused from its type, unopened.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(100)
+        head = read_head(path, 100)
+    except NotRegularFileError as e:
+        raise NotACheckpointStoreError(path, str(e.strerror), "Pick a regular file; it is left untouched") from e
     except PermissionError as e:
         raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
+    except OSError as e:
+        raise StoreOpenError(path, f"cannot read it ({e.strerror or e})", fix_for(e)) from e
     if not head:
         raise NotACheckpointStoreError(
             path, "the file is empty (0 bytes)",
@@ -478,3 +516,29 @@ def check_sqlite_header(path: str) -> None:
             path, "it is not an SQLite checkpoint store nor a reference pickle file",
             "Pick another path; the file is left untouched",
         )
+
+
+def _wal_at_rest(path: str) -> bool:
+    """A WAL-mode database with no -wal file (nobody has it open), in a place we may write."""
+    try:
+        head = read_head(path, 20)
+    except OSError:
+        return False
+    return (
+        len(head) == 20 and head[18] == 2 and not os.path.lexists(path + "-wal")
+        and os.access(path, os.W_OK) and os.access(os.path.dirname(path), os.W_OK)
+    )
+
+
+def _cannot_create(parent: str, e: BaseException) -> tuple[str, str]:
+    """(reason, fix) for a store that could not be created in ``parent``."""
+    if isinstance(e, OSError):
+        return f"cannot create it ({e.strerror or e})", fix_for(e)
+    try:
+        if os.statvfs(parent).f_flag & os.ST_RDONLY:
+            return "cannot create it: the file system is read-only", "Pick a path on a writable file system"
+    except OSError:
+        pass
+    if not os.access(parent, os.W_OK):
+        return "cannot create it: no write permission on its folder", "Pick a folder you may write to"
+    return f"cannot create it ({e})", "Pick a path on an ordinary, writable file system"
