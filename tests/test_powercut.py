@@ -348,7 +348,7 @@ def missing_or_different(store: Store, key: str, want: Any) -> str | None:
 def cut_trials(mount: Mount, kind: str, control: str = "none", *, trials: int = TRIALS,
                seed: int = 17, folders_exist: bool = False, count: int = 0,
                env: dict[str, str] | None = None, scenario: str = "power cut during writes",
-               hole: str = "", fresh: bool = False) -> tuple[int, list[str]]:
+               fresh: bool = False) -> tuple[int, list[str]]:
     """Writers killed at random moments, then a power cut, then a reopen: (acknowledged, lost).
 
     With ``count``, the writer saves that many entries and idles; the cut
@@ -415,7 +415,7 @@ def cut_trials(mount: Mount, kind: str, control: str = "none", *, trials: int = 
                 if problem is not None:
                     lost.append(problem)
             report = verify_store(store)
-            if control == "none" and not hole:
+            if control == "none":
                 assert report.ok, (tag, report)
             elif not report.ok:
                 lost.append(f"{tag}: verify: {report.damaged or report.store_problems}")
@@ -432,14 +432,12 @@ def cut_trials(mount: Mount, kind: str, control: str = "none", *, trials: int = 
             label += f" (journal={env['AI2_KIT_CHECKPOINT_JOURNAL']})"
         # Lost: distinct acknowledged keys (an entry kept from an earlier cut counts once).
         lost_keys = {item.split(" ")[0].rstrip(":") for item in lost}
-        record(scenario + (f" [known hole: {hole}]" if hole else ""), label, trials, trials, acknowledged,
+        record(scenario, label, trials, trials, acknowledged,
                len({k for k in lost_keys if "/" in k}))
     return acknowledged, lost
 
 
 IDLE = "power cut after 6 saves, writer idle"
-ROLLBACK_JOURNAL = ("SQLite store, journal=delete: commits use synchronous=FULL, so the journal's unlink "
-                    "is not durable and a cut rolls the last entry back (needs synchronous=EXTRA)")
 
 
 def test_sqlite_store_loses_nothing_with_its_side_file_folder_in_place(mount: Mount) -> None:
@@ -455,8 +453,7 @@ def test_sqlite_store_loses_nothing_acknowledged(mount: Mount) -> None:
     assert not lost, lost[:10]
 
 
-@pytest.mark.parametrize("journal", ["wal", pytest.param("delete", marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=ROLLBACK_JOURNAL))])
+@pytest.mark.parametrize("journal", ["wal", "delete"])
 def test_sqlite_store_keeps_the_last_entry_of_an_idle_writer(mount: Mount, journal: str) -> None:
     """Saved, then busy computing when the power goes: the last entry must be there.
 
@@ -464,8 +461,7 @@ def test_sqlite_store_keeps_the_last_entry_of_an_idle_writer(mount: Mount, journ
     AI2_KIT_CHECKPOINT_JOURNAL=delete asks for).
     """
     acknowledged, lost = cut_trials(mount, "sqlite", trials=IDLE_TRIALS, folders_exist=True, count=6,
-                                    env={"AI2_KIT_CHECKPOINT_JOURNAL": journal}, scenario=IDLE,
-                                    hole="journal unlink not synced" if journal == "delete" else "")
+                                    env={"AI2_KIT_CHECKPOINT_JOURNAL": journal}, scenario=IDLE)
     assert acknowledged == 6 * IDLE_TRIALS
     assert not lost, lost[:10]
 

@@ -474,65 +474,123 @@ class DirectoryStore(Store):
                 return
             folder = os.path.dirname(folder)
 
-    # -- leases: one claim file per key, created with link() ---------------------
-    # link() creates the name only if it is free, with the whole content in
-    # place, on local and NFS file systems alike; rename() replaces an expired
-    # or own claim. Two callers taking over the same expired claim in the same
-    # instant both rename; each reads the file back and only the one whose
-    # claim stayed proceeds.
+    # -- leases: numbered claim files, each created with link() ------------------
+    # The claims on one key are files .claims/<digest>/<n>, n = 1, 2, ...; the
+    # one with the highest number is the current claim. A caller takes a free,
+    # released or expired claim by creating the next number with link(), which
+    # creates a name only if it is free, with its whole content in place, on
+    # local and NFS file systems alike: of all callers that saw claim n, exactly
+    # one creates n + 1. No lock, no sleep, no read-back decides who won.
+    # The owner renews or releases by renaming a new version over its own file
+    # only; a file of another owner is never written or removed.
     def _claim_path(self, key: str) -> str:
+        """The folder holding the numbered claims on ``key``."""
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:40]
-        return os.path.join(self.root, CLAIMS, digest + ".claim")
+        return os.path.join(self.root, CLAIMS, digest)
+
+    @staticmethod
+    def _claim_numbers(folder: str) -> list[int]:
+        try:
+            return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+        except FileNotFoundError:
+            return []
 
     def _read_claim(self, path: str) -> dict[str, Any] | None:
+        """The claim record in ``path``; ``{}`` when unreadable (as good as expired); None when gone."""
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
-    def _write_claim_tmp(self, path: str, key: str, owner: str, ttl: float) -> str:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    def _write_claim_tmp(self, path: str, key: str, owner: str, ttl: float | None) -> str:
+        """A complete claim record under a temporary name next to ``path`` (``ttl`` None: released)."""
         tmp = temp_name(path)
+        record = {"key": key, "owner": owner, "expires": time.time() + ttl if ttl is not None else 0.0}
+        if ttl is None:
+            record["released"] = True
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "owner": owner, "expires": time.time() + ttl}, f)
+            json.dump(record, f)
         return tmp
 
+    def _current_claim(self, folder: str) -> tuple[int, dict[str, Any]] | None:
+        """The highest-numbered claim and its record, or None when there is none."""
+        for _ in range(10):
+            numbers = self._claim_numbers(folder)
+            if not numbers:
+                return None
+            held = self._read_claim(os.path.join(folder, str(numbers[-1])))
+            if held is not None:
+                return numbers[-1], held
+            # Removed under us: only a lower number is ever removed, so a
+            # higher one exists now. Look again.
+        return None
+
     def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
-        path = self._claim_path(key)
-        tmp = self._write_claim_tmp(path, key, owner, ttl)
-        try:
+        folder = self._claim_path(key)
+        os.makedirs(folder, exist_ok=True)
+        for _ in range(10):
+            current = self._current_claim(folder)
+            number = 1
+            if current is not None:
+                n, held = current
+                live = not held.get("released") and float(held.get("expires", 0)) > time.time()
+                if live and held.get("owner") == owner:
+                    return self._renew_claim(key, owner, ttl)
+                if live:
+                    return False
+                number = n + 1  # free: released, expired or unreadable
+            path = os.path.join(folder, str(number))
+            tmp = self._write_claim_tmp(path, key, owner, ttl)
             try:
                 os.link(tmp, path)
-                return True
             except FileExistsError:
-                pass
-            held = self._read_claim(path)
-            if held is not None and held.get("owner") != owner and held.get("expires", 0) > time.time():
+                continue  # another caller took it first: see whose it is now
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            # A caller that read an older state may have created a number that
+            # a cleanup had removed; the highest number wins, so check.
+            numbers = self._claim_numbers(folder)
+            if numbers and numbers[-1] != number:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
                 return False
-            os.replace(tmp, path)  # expired, unreadable, or ours: take it
-            time.sleep(0.02)
-            held = self._read_claim(path)
-            return held is not None and held.get("owner") == owner
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            for old in numbers:  # the numbers below ours are over
+                if old < number:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, str(old)))
+            return True
+        return False
 
     def _renew_claim(self, key: str, owner: str, ttl: float) -> bool:
-        path = self._claim_path(key)
-        held = self._read_claim(path)
-        if held is None or held.get("owner") != owner:
+        folder = self._claim_path(key)
+        current = self._current_claim(folder)
+        if current is None:
             return False
-        os.replace(self._write_claim_tmp(path, key, owner, ttl), path)
-        return True
+        n, held = current
+        if held.get("owner") != owner or held.get("released") or float(held.get("expires", 0)) <= time.time():
+            # Not ours, or our lease ran out and another caller may have taken it.
+            return False
+        path = os.path.join(folder, str(n))
+        os.replace(self._write_claim_tmp(path, key, owner, ttl), path)  # our own file only
+        # Taken over meanwhile (right at expiry): the higher number is the owner.
+        return self._claim_numbers(folder)[-1:] == [n]
 
     def _release_claim(self, key: str, owner: str) -> None:
-        path = self._claim_path(key)
-        held = self._read_claim(path)
-        if held is not None and held.get("owner") == owner:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        folder = self._claim_path(key)
+        current = self._current_claim(folder)
+        if current is None:
+            return
+        n, held = current
+        if held.get("owner") == owner and not held.get("released"):
+            # Marked released, not removed: the highest number must stay, so
+            # that the next caller creates n + 1 and numbers never repeat.
+            path = os.path.join(folder, str(n))
+            os.replace(self._write_claim_tmp(path, key, owner, None), path)
 
     # -- leftovers of killed writers ---------------------------------------------
     def leftover_temp_files(self, min_age: float = 86400.0) -> list[str]:

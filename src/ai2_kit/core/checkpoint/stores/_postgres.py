@@ -17,13 +17,11 @@ back into preallocated buffers, so a 1 GB array costs about 1 GB, not 3.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import struct
-import threading
-from typing import Any, BinaryIO, Callable, Iterator, TypeVar, cast
+from typing import Any, BinaryIO, Callable, Iterator, Tuple, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -33,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .._codec import Encoded, Signer, Verifier, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
+from ._conns import GroupCommit, ThreadConnections
 
 __all__ = ["PostgresStore", "DEFAULT_SCHEMA", "INLINE_MAX", "CHUNK_SIZE"]
 
@@ -48,12 +47,9 @@ CONNECT_TIMEOUT_S = 10
 #: Rows fetched per query when listing (keyset pages: no long transaction).
 PAGE_SIZE = 1000
 
-# Connections inherited over fork(): never closed by the child (closing sends
-# a Terminate message on the socket the parent still uses, ending the
-# parent's session), never garbage collected (psycopg would warn).
-_INHERITED: list[Any] = []
-
 T = TypeVar("T")
+#: A small entry waiting for its commit: key, created, metadata JSON, frame.
+_Row = Tuple[str, float, str, bytes]
 
 _HINT_CONNECT = (
     "Check that the server is running and reachable from this host, and the user, "
@@ -208,10 +204,15 @@ class PostgresStore(Store):
             raise StoreOpenError(self.location, f"the schema name {self.schema!r} is longer than 63 bytes",
                                  "Pick a shorter schema name")
         self._s = sql.Identifier(self.schema)
-        self._local = threading.local()
-        self._all: list[tuple[threading.Thread, psycopg.Connection[Any]]] = []
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
+        # One session per thread, closed once its thread has ended; a forked
+        # child leaves the parent's sessions alone and opens its own
+        # (stores/_conns.py: never closed there, since closing sends a
+        # Terminate on the socket the parent still uses).
+        self._conns: ThreadConnections[psycopg.Connection[Any]] = ThreadConnections(
+            self._open_conn, self._close_conn, close_at_fork=False
+        )
+        # Small saves arriving together share one transaction, one round trip.
+        self._commits: GroupCommit[_Row, None] = GroupCommit(self._write_rows)
         try:
             self._open()
         except BaseException:
@@ -244,28 +245,23 @@ class PostgresStore(Store):
             raise
         return conn
 
+    def _open_conn(self) -> psycopg.Connection[Any]:
+        if self.closed:
+            raise StoreOpenError(self.location, "the store is closed", "Open it again")
+        return self._connect()
+
     def _conn(self) -> psycopg.Connection[Any]:
         """One connection per thread, reopened in a forked child or after a break."""
-        if os.getpid() != self._pid:
-            with self._lock:
-                _INHERITED.extend(c for _, c in self._all)
-            self._pid = os.getpid()
-            self._local = threading.local()
-            self._all = []
-            self._lock = threading.Lock()
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.closed:
-            self._drop(conn)
-            conn = None
-        if conn is None:
-            if self.closed:
-                raise StoreOpenError(self.location, "the store is closed", "Open it again")
-            self._close_orphans()
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._all.append((threading.current_thread(), conn))
+        conn = self._conns.get()
+        if conn.closed:
+            self._conns.drop(conn)
+            conn = self._conns.get()
         return conn
+
+    @property
+    def _all(self) -> list[psycopg.Connection[Any]]:
+        """The open connections (of live threads, and of ended ones not yet swept)."""
+        return self._conns.connections()
 
     def _close_orphans(self) -> None:
         """Close the connections of threads that have ended.
@@ -273,12 +269,9 @@ class PostgresStore(Store):
         Short-lived threads (a lease's heartbeat, a thread pool's workers)
         would otherwise each leave a session open on the server until the
         store is closed, and a long workflow would exhaust max_connections.
+        (Done whenever a thread opens its connection.)
         """
-        with self._lock:
-            dead = [c for t, c in self._all if not t.is_alive()]
-            self._all = [(t, c) for t, c in self._all if t.is_alive()]
-        for conn in dead:
-            self._close_conn(conn)
+        self._conns.sweep()
 
     def _close_conn(self, conn: psycopg.Connection[Any]) -> None:
         try:
@@ -287,11 +280,7 @@ class PostgresStore(Store):
             logger.debug("closing a connection to %s: %s", self.location, e)
 
     def _drop(self, conn: psycopg.Connection[Any]) -> None:
-        with self._lock:
-            self._all = [(t, c) for t, c in self._all if c is not conn]
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
-        self._close_conn(conn)
+        self._conns.drop(conn)
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
         """Run ``fn(conn)``; once more on a new connection if the old one broke.
@@ -311,14 +300,7 @@ class PostgresStore(Store):
             return fn(self._conn())
 
     def _close(self) -> None:
-        with self._lock:
-            conns, self._all = [c for _, c in self._all], []
-        if os.getpid() == self._pid:
-            for conn in conns:
-                self._close_conn(conn)
-        else:
-            _INHERITED.extend(conns)
-        self._local = threading.local()
+        self._conns.close_all()  # in a forked child: the parent's are left alone
 
     # -- schema -------------------------------------------------------------------
     def _q(self, text: str) -> sql.Composed:
@@ -487,36 +469,52 @@ class PostgresStore(Store):
     def _put(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
         text = meta_to_json(meta)
         inline = encoded.size <= INLINE_MAX
-        value = encoded.to_bytes() if inline else None
-        nchunks = 0 if inline else -(-encoded.size // CHUNK_SIZE)
-
-        def put(conn: psycopg.Connection[Any]) -> None:
-            # A small put is sent as one pipeline (BEGIN, two statements,
-            # COMMIT in one round trip): against a remote server the network
-            # latency, not the server, would otherwise set the pace. COPY
-            # cannot run in a pipeline; a large put is dominated by its bytes.
-            pipe = conn.pipeline() if inline else contextlib.nullcontext()
-            with pipe, conn.transaction(), conn.cursor() as cur:
-                # The upsert first: it locks the key's row until commit, so a
-                # concurrent put of the same key waits here, and the DELETE
-                # below (a new snapshot) then sees the other put's chunks.
-                cur.execute(
-                    self._q(
-                        "INSERT INTO {s}.entries (key, created, meta, value, nchunks) "
-                        "VALUES (%s, %s, %s, %b, %s) ON CONFLICT (key) DO UPDATE SET "
-                        "created = EXCLUDED.created, meta = EXCLUDED.meta, "
-                        "value = EXCLUDED.value, nchunks = EXCLUDED.nchunks"
-                    ),
-                    (key, float(meta["created"]), text, value, nchunks),
-                )
-                cur.execute(self._q("DELETE FROM {s}.chunks WHERE key = %s"), (key,))
-                if not inline:
-                    self._copy_chunks(cur, key, encoded, nchunks)
-
         try:
-            self._run(put)
+            if inline:
+                # Saves arriving together from several threads share one
+                # transaction (one round trip); this returns once ours is committed.
+                value = encoded.to_bytes()
+                self._commits.submit((key, float(meta["created"]), text, value), len(value))
+            else:
+                self._run(lambda conn: self._write_chunked(conn, key, meta, text, encoded))
         except psycopg.Error as e:
             raise SaveError(key, f"{type(e).__name__}: {self._scrub(e)} (store {self.location})") from e
+
+    _UPSERT = (
+        "INSERT INTO {s}.entries (key, created, meta, value, nchunks) "
+        "VALUES (%s, %s, %s, %b, %s) ON CONFLICT (key) DO UPDATE SET "
+        "created = EXCLUDED.created, meta = EXCLUDED.meta, "
+        "value = EXCLUDED.value, nchunks = EXCLUDED.nchunks"
+    )
+
+    def _write_rows(self, rows: list[_Row]) -> list[None]:
+        """Commit small entries in one transaction, sent as one pipeline (one round trip)."""
+
+        def put(conn: psycopg.Connection[Any]) -> None:
+            # BEGIN, the statements and COMMIT in one round trip: against a
+            # remote server the network latency, not the server, would
+            # otherwise set the pace.
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                for key, created, text, value in rows:
+                    # The upsert first: it locks the key's row until commit, so a
+                    # concurrent put of the same key waits here, and the DELETE
+                    # below (a new snapshot) then sees the other put's chunks.
+                    cur.execute(self._q(self._UPSERT), (key, created, text, value, 0))
+                    cur.execute(self._q("DELETE FROM {s}.chunks WHERE key = %s"), (key,))
+
+        self._run(put)
+        return [None] * len(rows)
+
+    def _write_chunked(
+        self, conn: psycopg.Connection[Any], key: str, meta: dict[str, Any], text: str, encoded: Encoded
+    ) -> None:
+        # COPY cannot run in a pipeline (nor join a batch); a large put is
+        # dominated by its bytes anyway.
+        nchunks = -(-encoded.size // CHUNK_SIZE)
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(self._q(self._UPSERT), (key, float(meta["created"]), text, None, nchunks))
+            cur.execute(self._q("DELETE FROM {s}.chunks WHERE key = %s"), (key,))
+            self._copy_chunks(cur, key, encoded, nchunks)
 
     def _copy_chunks(self, cur: psycopg.Cursor[Any], key: str, encoded: Encoded, nchunks: int) -> None:
         """Stream the frame into ``chunks`` with a binary COPY, from the value's own memory.

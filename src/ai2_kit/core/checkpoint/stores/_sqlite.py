@@ -7,13 +7,13 @@ import logging
 import os
 import secrets
 import sqlite3
-import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
+from ._conns import GroupCommit, ThreadConnections
 from ._fs import (
     HOST,
     NotRegularFileError,
@@ -39,6 +39,12 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 #: and the database (and its WAL) stays small.
 INLINE_MAX = 1 << 20
 BUSY_TIMEOUT_S = 120.0
+#: Rows read per query when listing (keyset pages: no statement stays open
+#: between pages, so a caller may write while iterating, and a fork between
+#: two pages finds no connection in use).
+PAGE_SIZE = 1000
+#: How many times a reader whose side file vanished reads the row again.
+_REREADS = 5
 
 # ``created`` is a column for people querying the file with SQL, deliberately
 # without an index: every commit would write one more b-tree page, and
@@ -70,13 +76,24 @@ def _successor(prefix: str) -> str | None:
     return None
 
 
+#: How SQLite syncs a commit (see _connect).
+_SYNC = "EXTRA"
+
+
 class SQLiteStore(Store):
     """A checkpoint store in one SQLite file (the default of ``set_checkpoint_file``).
 
-    Every entry is written in its own ``BEGIN IMMEDIATE`` transaction with
-    ``synchronous=FULL``: once ``put`` returns, the entry survives a kill or a
-    power cut. WAL is used unless the file lives on a network file system,
+    Every entry is written in a ``BEGIN IMMEDIATE`` transaction with
+    ``synchronous=EXTRA`` (FULL, plus a sync of the folder after a rollback
+    journal is removed): once ``put`` returns, the entry survives a kill or a
+    power cut. Saves that arrive together from several threads share one
+    transaction (group commit), each still returning only once its own entry
+    is committed. WAL is used unless the file lives on a network file system,
     where SQLite's shared-memory index cannot work across hosts.
+
+    Connections are per thread, closed when their thread has ended, and
+    closed before any ``fork()`` (which waits for the SQLite calls in
+    flight): see ``stores/_conns.py``.
     """
 
     kind = "sqlite"
@@ -90,11 +107,11 @@ class SQLiteStore(Store):
         super().__init__(path, readonly=readonly)
         self.path = path
         self.blob_dir = path + ".blobs"
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._ro_plain: bool | None = None  # see _connect_readonly
+        # Connections per thread, closed with their thread and before any fork;
+        # saves that arrive together share one commit (stores/_conns.py).
+        self._conns = ThreadConnections(self._open_conn, _close_quietly, close_at_fork=True)
+        self._commits: GroupCommit[_Row, str | None] = GroupCommit(self._write_rows, shared_failure=_is_busy)
         if os.path.isdir(path):
             raise NotACheckpointStoreError(
                 path, "it is a directory", "Use set_checkpoint_dir() for a directory store"
@@ -110,7 +127,8 @@ class SQLiteStore(Store):
         elif not readonly and not os.access(os.path.dirname(path), os.W_OK):
             # SQLite needs its folder for the journal or the WAL's side files.
             self.readonly, self.readonly_reason = True, "no write permission on the file's folder"
-        self._check_schema()
+        with self._conns.gate.shared():  # no fork lands inside the first queries
+            self._check_schema()
 
     # -- opening ------------------------------------------------------------
     def _create(self) -> None:
@@ -162,7 +180,12 @@ class SQLiteStore(Store):
         else:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
-        conn.execute("PRAGMA synchronous=FULL")
+        # EXTRA, not FULL: with a rollback journal (network file systems), FULL
+        # does not fsync the folder after the journal's unlink, which is the
+        # commit, so a power cut brings the journal back and rolls an
+        # acknowledged entry back (tests/test_powercut.py). In WAL mode EXTRA
+        # is FULL.
+        conn.execute(f"PRAGMA synchronous={_SYNC}")
         # A damaged byte in a text column must surface as a damaged entry
         # (the metadata checksum then fails), not as a decoding error.
         conn.text_factory = _lenient_text
@@ -195,23 +218,22 @@ class SQLiteStore(Store):
         return sqlite3.connect(base + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT_S,
                                isolation_level=None, check_same_thread=False)
 
+    def _open_conn(self) -> sqlite3.Connection:
+        if self.closed:
+            raise StoreOpenError(self.path, "the store is closed", "Open it again")
+        return self._connect()
+
     def _conn(self) -> sqlite3.Connection:
-        """One connection per thread, reopened in a forked child."""
-        if os.getpid() != self._pid:
-            # A connection must never cross fork(): the child gets fresh ones.
-            self._pid = os.getpid()
-            self._local = threading.local()
-            self._all = []
-            self._lock = threading.Lock()
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.closed:
-                raise StoreOpenError(self.path, "the store is closed", "Open it again")
-            conn = self._connect()
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
+        """This thread's connection (use it inside ``_session``, so that a fork waits for it)."""
+        if self.closed:
+            raise StoreOpenError(self.path, "the store is closed", "Open it again")
+        return self._conns.get()
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, with the fork gate held: no fork() lands inside."""
+        with self._conns.gate.shared():
+            yield self._conn()
 
     def _check_schema(self) -> None:
         try:
@@ -263,26 +285,38 @@ class SQLiteStore(Store):
 
     # -- hooks ----------------------------------------------------------------
     def _get(self, key: str) -> tuple[dict[str, Any], Loader] | None:
-        row = self._conn().execute(
-            "SELECT meta, value, blob FROM entries WHERE key=?", (key,)
-        ).fetchone()
-        if row is None:
-            return None
-        meta = meta_from_json(row[0])
-        value, blob = row[1], row[2]
-        crc = meta.get("crc32")
-        if blob is not None:
+        missing = None
+        for _ in range(_REREADS):
+            with self._session() as conn:
+                row = conn.execute("SELECT meta, value, blob FROM entries WHERE key=?", (key,)).fetchone()
+            if row is None:
+                return None
+            meta = meta_from_json(row[0])
+            value, blob = row[1], row[2]
+            if blob is None:
+                return meta, _InlineLoader(value, meta)
             path = self._blob_path(blob)
-
-            def load(signer: Signer | None) -> Any:
-                with open(path, "rb", buffering=0) as f:
-                    return read_frame(f, crc, path, verifier_for(signer, meta))
-
-            return meta, load
-        return meta, lambda signer: decode_bytes(value, crc, verifier_for(signer, meta))
+            try:
+                # Opened now, before the row can change again: an open file
+                # stays readable when an overwrite or rm unlinks it.
+                f = open(path, "rb", buffering=0)
+            except FileNotFoundError:
+                if blob == missing:
+                    # The row did not change and its file is still gone:
+                    # removed by hand, not by a writer. That is damage.
+                    return meta, _MissingLoader(path)
+                # An overwrite or rm unlinked it after we read the row (it
+                # always commits the row first): the entry changed, read again.
+                missing = blob
+                continue
+            return meta, _FileLoader(f, path, meta)
+        # The entry changed under every read: as good as a miss.
+        logger.debug("%s: %r kept changing while being read; treated as missing", self.path, key)
+        return None
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
-        row = self._conn().execute("SELECT meta FROM entries WHERE key=?", (key,)).fetchone()
+        with self._session() as conn:
+            row = conn.execute("SELECT meta FROM entries WHERE key=?", (key,)).fetchone()
         return None if row is None else meta_from_json(row[0])
 
     def _blob_path(self, name: str) -> str:
@@ -315,53 +349,78 @@ class SQLiteStore(Store):
         blob = None
         value: bytes | None = None
         if encoded.size > INLINE_MAX:
+            # Written and fsynced by the caller, before its row joins a commit.
             blob = self._write_blob(encoded)
         else:
             value = encoded.to_bytes()
-        conn = self._conn()
+        row: _Row = (key, meta["created"], meta_to_json(meta), value, blob)
         try:
+            # Saves arriving together from several threads share one
+            # transaction and one fsync; this returns once ours is committed.
+            old = self._commits.submit(row, len(value) if value is not None else 0)
+        except Exception:
+            if blob is not None:  # our row was rolled back: nothing refers to the file
+                self._unlink_blob(blob)
+            raise
+        # (Interrupted while waiting, the row may still be committed by the
+        # batch it was in: the file is kept; at worst an orphan for 'verify'.)
+        if old is not None:
+            self._unlink_blob(old)
+
+    def _write_rows(self, rows: list[_Row]) -> list[str | None]:
+        """Commit ``rows`` in one transaction; returns each one's replaced side file (or None)."""
+        keys = list({row[0] for row in rows})
+        with self._session() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                old = conn.execute("SELECT blob FROM entries WHERE key=?", (key,)).fetchone()
-                conn.execute(
-                    "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)",
-                    (key, meta["created"], meta_to_json(meta), value, blob),
+                # One query for the side files being replaced and one prepared
+                # INSERT for all rows: a batch costs little more than one entry.
+                current: dict[str, str | None] = {}
+                for i in range(0, len(keys), 200):
+                    part = keys[i : i + 200]
+                    current.update(conn.execute(
+                        f"SELECT key, blob FROM entries WHERE key IN ({','.join('?' * len(part))})", part
+                    ).fetchall())
+                conn.executemany(
+                    "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)", rows
                 )
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except BaseException:
-            if blob is not None:
-                self._unlink_blob(blob)
-            raise
-        if old is not None and old[0] is not None:
-            self._unlink_blob(old[0])
+        olds: list[str | None] = []
+        for key, _, _, _, blob in rows:  # in order: a key twice replaces its own earlier row
+            old = current.get(key)
+            current[key] = blob
+            # The same row written again (a batch retried) must not report
+            # its own file as the one to remove.
+            olds.append(old if old != blob else None)
+        return olds
 
     def _unlink_blob(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError, ValueError):
             os.unlink(self._blob_path(name))
 
     def _delete_many(self, keys: list[str]) -> int:
-        conn = self._conn()
         blobs: list[str] = []
         removed = 0
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for key in keys:
-                row = conn.execute("SELECT blob FROM entries WHERE key=?", (key,)).fetchone()
-                if row is None:
-                    continue
-                conn.execute("DELETE FROM entries WHERE key=?", (key,))
-                removed += 1
-                if row[0] is not None:
-                    blobs.append(row[0])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        with self._session() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for key in keys:
+                    row = conn.execute("SELECT blob FROM entries WHERE key=?", (key,)).fetchone()
+                    if row is None:
+                        continue
+                    conn.execute("DELETE FROM entries WHERE key=?", (key,))
+                    removed += 1
+                    if row[0] is not None:
+                        blobs.append(row[0])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         for name in blobs:  # after the commit: a crash here only leaves orphans
             self._unlink_blob(name)
         return removed
@@ -371,46 +430,49 @@ class SQLiteStore(Store):
 
     def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]:
         upper = _successor(prefix) if prefix else None
-        params: tuple[str, ...]
-        if not prefix:
-            sql, params = "SELECT key, meta FROM entries ORDER BY key", ()
-        elif upper is None:
-            sql, params = "SELECT key, meta FROM entries WHERE key >= ? ORDER BY key", (prefix,)
-        else:
-            sql = "SELECT key, meta FROM entries WHERE key >= ? AND key < ? ORDER BY key"
-            params = (prefix, upper)
-        # A connection of its own: a caller may write (rm) while iterating.
-        conn = self._connect()
-        try:
-            for key, text in conn.execute(sql, params):
+        # Keyset pages, each its own query: nothing stays open while the
+        # caller works between two entries (it may remove them, or fork).
+        op, bound = ">=", prefix
+        while True:
+            sql = f"SELECT key, meta FROM entries WHERE key {op} ?"
+            params: tuple[Any, ...] = (bound,)
+            if upper is not None:
+                sql += " AND key < ?"
+                params += (upper,)
+            sql += " ORDER BY key LIMIT ?"
+            try:
+                with self._session() as conn:
+                    rows = conn.execute(sql, (*params, PAGE_SIZE)).fetchall()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError):
+                    raise
+                raise StoreDamagedError(self.path, str(e)) from e
+            for key, text in rows:
                 try:
                     yield meta_from_json(text)
                 except ValueError as e:  # listing goes on past one damaged record
                     yield {"key": key, "damaged": f"unreadable metadata ({e})"}
-        except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError):
-                raise
-            raise StoreDamagedError(self.path, str(e)) from e
-        finally:
-            conn.close()
+            if len(rows) < PAGE_SIZE:
+                return
+            op, bound = ">", rows[-1][0]
 
     # -- leases (one host: the local clock is the only clock) -----------------
     def _claim_txn(self, sql: str, params: tuple[Any, ...]) -> int:
-        conn = self._conn()
-        # A lease need not survive a power cut (at worst a step runs twice),
-        # so its commit skips the fsync that entries pay for.
-        conn.execute("PRAGMA synchronous=OFF")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._session() as conn:
+            # A lease need not survive a power cut (at worst a step runs twice),
+            # so its commit skips the fsync that entries pay for.
+            conn.execute("PRAGMA synchronous=OFF")
             try:
-                n = conn.execute(sql, params).rowcount
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    n = conn.execute(sql, params).rowcount
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                conn.execute(f"PRAGMA synchronous={_SYNC}")
         return int(n)
 
     def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
@@ -431,15 +493,12 @@ class SQLiteStore(Store):
         self._claim_txn("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
     def __len__(self) -> int:
-        return int(self._conn().execute("SELECT count(*) FROM entries").fetchone()[0])
+        with self._session() as conn:
+            return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
 
     def _close(self) -> None:
-        with self._lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-        self._local = threading.local()
+        with self._conns.gate.shared():
+            self._conns.close_all()
 
     # -- maintenance ------------------------------------------------------------
     def remove_dead_writers_files(self, min_age: float = 86400.0) -> list[str]:
@@ -461,7 +520,8 @@ class SQLiteStore(Store):
             host, pid = (parts[2], parts[1]) if len(parts) == 3 else ("", "")
             if not left_by_dead_writer(path, host, pid, min_age):
                 continue
-            used = self._conn().execute("SELECT 1 FROM entries WHERE blob = ?", (name,)).fetchone()
+            with self._session() as conn:
+                used = conn.execute("SELECT 1 FROM entries WHERE blob = ?", (name,)).fetchone()
             if used is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -474,13 +534,64 @@ class SQLiteStore(Store):
             names = {n for n in os.listdir(self.blob_dir) if n.endswith(".frame")}
         except FileNotFoundError:
             return []
-        used = {r[0] for r in self._conn().execute("SELECT blob FROM entries WHERE blob IS NOT NULL")}
+        with self._session() as conn:
+            used = {r[0] for r in conn.execute("SELECT blob FROM entries WHERE blob IS NOT NULL")}
         return sorted(os.path.join(self.blob_dir, n) for n in names - used)
 
     def integrity_check(self) -> list[str]:
         """SQLite's own integrity check; an empty list means the file is sound."""
-        rows = self._conn().execute("PRAGMA integrity_check").fetchall()
+        with self._session() as conn:
+            rows = conn.execute("PRAGMA integrity_check").fetchall()
         return [] if rows == [("ok",)] else [r[0] for r in rows]
+
+
+#: A row of ``entries``: key, created, meta, inline value, side-file name.
+_Row = Tuple[str, float, str, Optional[bytes], Optional[str]]
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error as e:
+        logger.debug("closing an SQLite connection: %s", e)
+
+
+def _is_busy(e: BaseException) -> bool:
+    """Whether a failed batch failed for a lock held elsewhere, not for its rows."""
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
+class _InlineLoader:
+    """Decodes a frame kept in the row."""
+
+    def __init__(self, value: bytes, meta: dict[str, Any]) -> None:
+        self._value, self._meta = value, meta
+
+    def __call__(self, signer: Signer | None) -> Any:
+        return decode_bytes(self._value, self._meta.get("crc32"), verifier_for(signer, self._meta))
+
+
+class _FileLoader:
+    """Reads a frame from a side file opened when its row was read."""
+
+    def __init__(self, f: Any, path: str, meta: dict[str, Any]) -> None:
+        self._f, self._path, self._meta = f, path, meta
+
+    def __call__(self, signer: Signer | None) -> Any:
+        return read_frame(self._f, self._meta.get("crc32"), self._path, verifier_for(signer, self._meta))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _MissingLoader:
+    """The side file of an unchanged row is gone: reported as a damaged entry."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __call__(self, signer: Signer | None) -> Any:
+        raise FileNotFoundError(f"its side file {self._path} is missing")
 
 
 def _lenient_text(data: bytes) -> str:
