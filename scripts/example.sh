@@ -21,3 +21,9 @@ echo "== what finished before the failure"
 echo
 echo "== run 2: resumes; finished steps are skipped"
 .venv/bin/python examples/workflow.py --store "$store"
+echo
+echo "== what the two runs did, and a report page of the store"
+.venv/bin/ai2-kit tool checkpoint load "$store" - runs
+report=examples/workdir/report.html
+.venv/bin/ai2-kit tool checkpoint load "$store" - report "$report"
+echo "open it in a browser: file://$(cd "$(dirname "$report")" && pwd)/$(basename "$report")"

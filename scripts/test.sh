@@ -4,25 +4,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# libfuse2 for the power-cut file system of tests/test_powercut.py (fusepy loads it).
-if ! ldconfig -p 2>/dev/null | grep 'libfuse\.so\.2' >/dev/null && command -v apt-get >/dev/null; then
-    { apt-get install -y -q libfuse2 || { apt-get update -q && apt-get install -y -q libfuse2; }; } >/dev/null
-fi
-
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
-# strace records the file-system calls of a save (tests/test_fsync_order.py:
-# the order of fsyncs and renames that a power cut needs). Installed only when
-# missing; without it that test fails under CI=true instead of skipping.
-if ! command -v strace >/dev/null 2>&1; then
+# Debian packages the tests need, installed only when missing (without them
+# their tests fail under CI=true instead of skipping):
+#   libfuse2  the power-cut file system of tests/test_powercut.py (fusepy loads it)
+#   strace    tests/test_fsync_order.py records the file-system calls of a save
+#   chromium  tests/test_report.py loads the report page in a real headless browser
+missing=()
+ldconfig -p 2>/dev/null | grep 'libfuse\.so\.2' >/dev/null || missing+=(libfuse2)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""
         [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-        $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq strace >/dev/null
+        export DEBIAN_FRONTEND=noninteractive
+        { $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" \
+            || { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"; }; } >/dev/null
     else
-        echo "test.sh: strace is missing and apt-get is not available; install strace" >&2
+        echo "test.sh: ${missing[*]} missing and apt-get is not available; install them" >&2
     fi
 fi
 

@@ -38,6 +38,7 @@ import cloudpickle  # at import, not lazily: a fork during a lazy import can dea
 from ._errors import CheckpointError, CorruptEntryError, SaveError
 from ._fingerprint import check_environment_policy, explain, fingerprint, judge
 from ._keys import validate_key
+from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
 from .stores._fs import HOST
 
@@ -498,6 +499,7 @@ class Checkpointer:
         self.dedup = (self.store.kind == "postgres") if dedup is None else bool(dedup)
         self.lease = float(lease)
         self._lock = threading.Lock()
+        self._run: Optional[RunRecorder] = None
         self._inflight = 0
         self.closing = False
         self.spec = self._describe(location, prefer, opts)
@@ -539,6 +541,22 @@ class Checkpointer:
         """Remove one entry; True when it existed."""
         return self.store.delete(key)
 
+    @property
+    def run(self) -> RunRecorder:
+        """This process's run on the store (a forked child starts its own)."""
+        rec = self._run
+        if rec is None or rec.pid != os.getpid():
+            with self._lock:
+                rec = self._run
+                if rec is None or rec.pid != os.getpid():
+                    rec = self._run = RunRecorder(self.store)
+        return rec
+
+    def _close_store(self) -> None:
+        if self._run is not None:
+            self._run.flush()  # the run's last counts, while the store is still open
+        self.store.close()
+
     # -- lifetime: calls in flight keep the store open ----------------------------------
     def _enter(self) -> bool:
         """Count a call that starts on this checkpointer; False once it is closing."""
@@ -553,7 +571,7 @@ class Checkpointer:
             self._inflight = max(0, self._inflight - 1)
             last = self.closing and self._inflight == 0
         if last:
-            self.store.close()
+            self._close_store()
 
     def close(self) -> None:
         """Close the store, once the calls running on it have finished (and saved)."""
@@ -562,7 +580,7 @@ class Checkpointer:
             busy = self._inflight > 0
         _registry.remove(self)
         if not busy:
-            self.store.close()
+            self._close_store()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -593,10 +611,10 @@ class Checkpointer:
             return False, None, {}
         return True, hit.value, hit.meta
 
-    @staticmethod
-    def log_hit(key: str, meta: dict[str, Any]) -> None:
-        """The one INFO line a returned hit gets."""
+    def log_hit(self, key: str, meta: dict[str, Any]) -> None:
+        """The one INFO line a returned hit gets (and the run's count of hits)."""
         dur = meta.get("duration")
+        self.run.hit(dur)
         if dur is None:
             logger.info("Hit checkpoint: %s", key)
         else:
@@ -604,10 +622,13 @@ class Checkpointer:
 
     def save(self, key: str, value: Any, **fields: Any) -> bool:
         """Save a step's result; on failure warn (or raise in strict mode)."""
+        run = self.run
         try:
-            self.store.put(key, value, **fields)
+            self.store.put(key, value, run=run.id, **fields)
+            run.ran(fields.get("duration") or 0.0)
             return True
         except Exception as e:
+            run.save_failed()
             err = e if isinstance(e, SaveError) else SaveError(key, f"{type(e).__name__}: {e}")
             if self.strict:
                 if err is e:
@@ -640,6 +661,8 @@ class Checkpointer:
         stale = bool(verdict.changes) or (env_policy == "stale" and bool(verdict.env))
         if env_policy == "ignore":
             verdict = verdict._replace(env=[])
+        if stale:
+            self.run.stale(key, rerun=policy == "rerun")
         if stale and policy == "rerun":
             logger.warning("%s", explain(key, verdict, location=self.store.location, rerun=True))
             return False

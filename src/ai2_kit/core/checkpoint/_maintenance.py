@@ -6,13 +6,13 @@ import dataclasses
 import logging
 import os
 import sqlite3
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ._errors import CheckpointError, CorruptEntryError, StoreDamagedError
 from ._keys import key_matcher
 from .stores import DirectoryStore, SQLiteStore, Store
 
-__all__ = ["VerifyReport", "CopyReport", "verify_store", "copy_entries", "salvage"]
+__all__ = ["VerifyReport", "CopyReport", "Progress", "no_progress", "verify_store", "copy_entries", "salvage"]
 
 logger = logging.getLogger("ai2_kit.core.checkpoint")
 
@@ -74,7 +74,21 @@ def _keys(store: Store, pattern: str | None) -> Iterator[str]:
             yield row[0]
 
 
-def verify_store(store: Store) -> VerifyReport:
+#: Wraps an iterable of keys to show progress: ``progress(keys, total, label)``
+#: yields the same keys (the CLI passes a tqdm bar on a terminal).
+Progress = Callable[[Iterable[str], Optional[int], str], Iterable[str]]
+
+
+def no_progress(items: Iterable[str], total: Optional[int], label: str) -> Iterable[str]:
+    return items
+
+
+def _total(store: Store) -> Optional[int]:
+    """The entry count where it is one query; None where it would cost a second walk."""
+    return len(store) if store.kind in ("sqlite", "postgres") else None
+
+
+def verify_store(store: Store, progress: Progress = no_progress) -> VerifyReport:
     """Check every entry's bytes (checksums, MACs) and the store's own structure.
 
     Never unpickles a value. For SQLite it also runs ``PRAGMA integrity_check``
@@ -91,7 +105,7 @@ def verify_store(store: Store) -> VerifyReport:
     if isinstance(store, DirectoryStore):
         report.orphan_files.extend(store.leftover_temp_files())
     try:
-        for key in _keys(store, None):
+        for key in progress(_keys(store, None), _total(store), "verify"):
             report.entries += 1
             reason = store.verify(key)
             if reason is not None:
@@ -102,7 +116,8 @@ def verify_store(store: Store) -> VerifyReport:
 
 
 def copy_entries(
-    src: Store, dst: Store, pattern: str | None = None, *, overwrite: bool = True, exclude: Any = None
+    src: Store, dst: Store, pattern: str | None = None, *, overwrite: bool = True, exclude: Any = None,
+    progress: Progress = no_progress,
 ) -> CopyReport:
     """Copy entries (all, or those matching ``pattern``) from ``src`` to ``dst``.
 
@@ -113,7 +128,7 @@ def copy_entries(
     """
     report = CopyReport()
     skip = [key_matcher(p) for p in ([exclude] if isinstance(exclude, str) else exclude or [])]
-    for key in _keys(src, pattern):
+    for key in progress(_keys(src, pattern), None if pattern else _total(src), "copy"):
         if any(m(key) for m in skip):
             continue
         try:
@@ -134,10 +149,10 @@ def copy_entries(
     return report
 
 
-def salvage(src: Store, dst: Store) -> CopyReport:
+def salvage(src: Store, dst: Store, progress: Progress = no_progress) -> CopyReport:
     """Copy every readable entry of a damaged store into a new one; ``src`` is untouched."""
     if os.path.abspath(str(src.location)) == os.path.abspath(str(dst.location)):
         raise CheckpointError("salvage needs a new destination, not the damaged store itself")
-    return copy_entries(src, dst)
+    return copy_entries(src, dst, progress=progress)
 
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 from ._errors import CheckpointError, CorruptEntryError, InvalidKeyError, ReadOnlyStoreError, StoreOpenError
 from ._keys import is_glob, key_matcher
+from ._maintenance import Progress, no_progress
 from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
 from .stores._legacy import LegacyFileStore, backup_path, load_legacy_file
 
@@ -317,7 +318,7 @@ def _is_reference_dir_entry(meta: dict[str, Any]) -> bool:
     return meta.get("legacy") == "reference-dir" and "crc32" not in meta
 
 
-def migrate(location: str | os.PathLike[str]) -> MigrationReport:
+def migrate(location: str | os.PathLike[str], progress: Progress = no_progress) -> MigrationReport:
     """Convert a store written by the reference design to the project's format.
 
     - a reference 2023 file becomes an SQLite store in place, through
@@ -342,7 +343,7 @@ def migrate(location: str | os.PathLike[str]) -> MigrationReport:
             return MigrationReport(str(store.location), "current", store.kind, already=len(store))
     path = os.path.abspath(os.fspath(location))
     if os.path.isdir(path):
-        return _migrate_dir(path)
+        return _migrate_dir(path, progress)
     store = open_existing(path, allow_newer=False)
     kind = store.kind
     if not isinstance(store, LegacyFileStore):
@@ -353,10 +354,10 @@ def migrate(location: str | os.PathLike[str]) -> MigrationReport:
     if readonly or not os.access(os.path.dirname(path), os.W_OK) or not os.access(path, os.W_OK):
         why = reason if readonly else "no write permission on the file or its folder"
         raise ReadOnlyStoreError(path, why)
-    return _migrate_file(path)
+    return _migrate_file(path, progress)
 
 
-def _migrate_file(path: str) -> MigrationReport:
+def _migrate_file(path: str, progress: Progress) -> MigrationReport:
     new, backup, count = migrate_legacy_file(path)
     report = MigrationReport(path, "reference-file", new.kind, backup=backup)
     with new:
@@ -364,7 +365,7 @@ def _migrate_file(path: str) -> MigrationReport:
             report.source_format, report.already = "current", count
             return report
         original = load_legacy_file(backup)
-        for key in sorted(original):
+        for key in progress(sorted(original), len(original), "check"):
             problem = _check_entry(new, key, original[key])
             if problem:
                 report.failed.append((key, problem))
@@ -396,7 +397,7 @@ def _check_entry(store: Store, key: str, record: Any) -> str:
     return ""
 
 
-def _migrate_dir(path: str) -> MigrationReport:
+def _migrate_dir(path: str, progress: Progress) -> MigrationReport:
     store = open_existing(path, allow_newer=False)
     with store:
         if not isinstance(store, DirectoryStore):  # pragma: no cover - open_store picks it for dirs
@@ -418,7 +419,7 @@ def _migrate_dir(path: str) -> MigrationReport:
         # leaves every original file either in place or in the backup.
         shutil.copytree(path, backup, symlinks=True)
         report.backup = backup
-        for key in legacy:
+        for key in progress(legacy, len(legacy), "migrate"):
             try:
                 hit = store.lookup(key)
             except CheckpointError as e:

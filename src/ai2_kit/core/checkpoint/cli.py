@@ -37,10 +37,11 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator, NoReturn, Optional, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, NoReturn, Optional, Sequence
 
 from . import _fingerprint, _maintenance, _ops
 from ._errors import CheckpointError, NewerFormatError
+from ._report import write_report
 from .stores import Store, is_postgres_url, open_store
 
 __all__ = ["run", "PROG", "CheckpointTool", "parse", "overview", "UsageError", "CommandError"]
@@ -178,6 +179,10 @@ def _copy_options(o: _Options) -> None:
     o.value("--exclude", dest="exclude", metavar="GLOB", repeat=True, help="leave out keys matching GLOB")
 
 
+def _runs_options(o: _Options) -> None:
+    o.flag("--json", dest="as_json", help="one JSON object per run (the whole record), for scripts")
+
+
 _STORE_HELP = "the store: a file, a directory, or a postgresql:// URL"
 _PATTERN_ARG = _Arg("pattern", "PATTERN", False, "the keys to select (see 'patterns' below)")
 
@@ -266,6 +271,30 @@ Where DEST already has a key, its entry is replaced, unless --skip-existing.""",
         examples=["load ./checkpoint.pkl - copy postgresql://me@db-host/team",
                   'copy ./checkpoint.pkl ./backup.db "iters-00[0-2]/*"',
                   "copy ./checkpoint.pkl ./backup.db --skip-existing"],
+    ),
+    _Command(
+        "runs", "the runs that used the store: when, where, steps run and hit, time saved",
+        usage=["load STORE - runs [--json]", "runs STORE [--json]"],
+        description="""\
+List the runs recorded in the store, oldest first: each process that saved
+or hit a step, with its start, how long it lasted, host, pid, user, how many
+steps it ran and hit, stale warnings, reruns, failed saves, and the time its
+hits saved (what those steps took when they ran). Stores written before runs
+were recorded list none. Nothing is unpickled.""",
+        options=_runs_options,
+        examples=["load ./checkpoint.pkl - runs", "runs ./checkpoint.pkl --json"],
+    ),
+    _Command(
+        "report", "write one self-contained HTML page: timeline, runs, key tree, problems",
+        usage=["load STORE - report OUT.html", "report STORE OUT.html"],
+        description="""\
+Write an HTML page about the store to OUT.html: a timeline of every saved step
+(one lane per first key component, coloured by run; hover a bar for its key,
+function, call site, duration, size and host), the runs, stale and damaged
+entries, and the key tree with counts, sizes and durations. The page needs no
+network and no server. Only metadata is read: nothing is unpickled.""",
+        args=[_Arg("out", "OUT.html", True, "the page to write (replaced if it exists)")],
+        examples=["load ./checkpoint.pkl - report report.html", "report ./checkpoint.pkl /tmp/run.html"],
     ),
     _Command(
         "migrate", "convert a reference-format store to this project's format",
@@ -562,6 +591,24 @@ class CheckpointTool:
         self._writable = write
         return self._store
 
+    def _progress(self) -> _maintenance.Progress:
+        """A progress bar on stderr when it is a terminal; nothing when piped or redirected."""
+        try:
+            tty = self._err.isatty()
+        except (ValueError, OSError):
+            tty = False
+        if not tty:
+            return _maintenance.no_progress
+        from tqdm import tqdm  # only interactive runs pay for the import
+
+        err = self._err
+
+        def bar(items: Iterable[str], total: Optional[int], label: str) -> Iterable[str]:
+            return tqdm(items, total=total, desc=label, unit=" entries", file=err, leave=False,
+                        dynamic_ncols=True, mininterval=0.2)
+
+        return bar
+
     def _shown(self) -> str:
         """The store as the user named it, for hints; a URL without its password."""
         if self._location is not None and is_postgres_url(self._location) and self._store is not None:
@@ -704,6 +751,7 @@ class CheckpointTool:
             if not is_postgres_url(dest) and os.path.abspath(dest) == os.path.abspath(str(src.location)):
                 raise UsageError("copy needs a DEST other than the store itself")
             report = _maintenance.copy_entries(src, dst, pattern or None, overwrite=not skip_existing,
+                                                  progress=self._progress(),
                                                exclude=exclude)
             where = dst.location
         self._emit(f"Copied {_entries(len(report.copied))} from {src.location} to {where}, "
@@ -787,7 +835,7 @@ class CheckpointTool:
         """Check a store (see ``--help``)."""
         self._ran = True
         store = self._open()
-        report = _maintenance.verify_store(store)
+        report = _maintenance.verify_store(store, self._progress())
         self._emit(f"{store.location}: {_entries(report.entries)} checked, {len(report.damaged)} damaged.")
         for key, reason in sorted(report.damaged.items()):
             self._emit(f"  damaged: {_printable(key)}: {_one_line(reason)}")
@@ -801,7 +849,7 @@ class CheckpointTool:
                 raise CommandError(f"--salvage needs a new path; {salvage!r} already exists")
             prefer = "dir" if store.kind == "directory" else "file"
             with open_store(salvage, prefer=prefer) as dst:
-                copied = _maintenance.salvage(store, dst)
+                copied = _maintenance.salvage(store, dst, self._progress())
                 where = dst.location
             self._emit(f"Salvaged {_entries(len(copied.copied))} into {where}; "
                        f"{len(copied.failed)} could not be read.")
@@ -816,6 +864,44 @@ class CheckpointTool:
             )
         return self
 
+    def runs(self, as_json: bool = False) -> CheckpointTool:
+        """List runs (see ``--help``)."""
+        self._ran = True
+        store = self._open()
+        runs = store.iter_runs()
+        if as_json:
+            for run in runs:
+                self._emit(_ops.json_line(run))
+            return self
+        if not runs:
+            self._note(f"{store.location}: no runs recorded (written before runs were recorded, "
+                       "or by the reference design)")
+            return self
+        rows = [("STARTED", "LASTED", "HOST", "PID", "RAN", "HITS", "STALE", "SAVED", "COMMAND")]
+        for r in runs:
+            started, last = r.get("started"), r.get("last")
+            lasted = last - started if isinstance(started, (int, float)) and isinstance(last, (int, float)) else None
+            rows.append((_when(started), _ops.format_duration(lasted), str(r.get("host", "-")),
+                         str(r.get("pid", "-")), str(r.get("steps_run", 0)), str(r.get("hits", 0)),
+                         str(r.get("stale", 0)), _ops.format_duration(r.get("saved_seconds", 0.0)),
+                         _printable(" ".join(map(str, r.get("argv") or [])))))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            self._emit("  ".join(f"{c:<{w}}" if i in (0, 2) else f"{c:>{w}}"
+                                 for i, (c, w) in enumerate(zip(row, widths))) + "  " + row[-1])
+        return self
+
+    def report(self, out: str) -> CheckpointTool:
+        """Write the HTML report (see ``--help``)."""
+        self._ran = True
+        store = self._open()
+        try:
+            write_report(out, self._shown(), store.iter_meta(), store.iter_runs())
+        except OSError as e:
+            raise CommandError(f"cannot write the report: {_os_error(e)}") from e
+        self._emit(f"report written to {out}")
+        return self
+
     def migrate(self) -> CheckpointTool:
         """Convert a reference-format store (see ``--help``)."""
         self._ran = True
@@ -823,7 +909,7 @@ class CheckpointTool:
             raise UsageError("no store: start with 'load STORE'")
         self.close()
         with _quiet(_is_migration_log):  # the report below says the same, and more
-            report = _ops.migrate(self._location)
+            report = _ops.migrate(self._location, self._progress())
         loc = report.location
         if report.source_format == "current":
             self._emit(f"{loc} is already in this project's format ({report.store_kind} store, "

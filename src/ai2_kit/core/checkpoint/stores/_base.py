@@ -325,6 +325,23 @@ class Store(ABC):
         if self.supports_claims and not self.readonly:
             self._release_claim(key, owner)
 
+    # -- runs: which process saved what, and what its hits saved (_runs.py) ---
+    def put_run(self, record: dict[str, Any]) -> None:
+        """Write or replace one run record (``record["id"]``); read-only stores keep none."""
+        if not self.readonly:
+            self._put_run(str(record["id"]), record)
+
+    def iter_runs(self) -> list[dict[str, Any]]:
+        """Run records, oldest first; a store written before runs existed has none."""
+        runs = [r for r in self._iter_runs() if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        return sorted(runs, key=lambda r: (_number(r.get("started")), r["id"]))
+
+    def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
+        """Engines that keep runs override this and ``_iter_runs``; others keep none."""
+
+    def _iter_runs(self) -> Iterator[dict[str, Any]]:
+        return iter(())
+
     def keys(self, pattern: Optional[str] = None) -> list[str]:
         return [m["key"] for m in self.iter_meta(pattern)]
 
@@ -344,3 +361,7 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.location!r}{' read-only' if self.readonly else ''}>"
+
+
+def _number(x: object) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else 0.0

@@ -36,6 +36,7 @@ ENTRY_MAGIC = b"A2KE"
 SUFFIX = ".ckpt"
 MARKER = ".ai2-kit-checkpoint"
 CLAIMS = ".claims"
+RUNS = ".runs"
 _U32 = struct.Struct("<I")
 _MAX_NAME = 250  # bytes; most file systems allow 255 per name
 #: Marks a path component shortened to fit a file name: the head of the
@@ -591,6 +592,33 @@ class DirectoryStore(Store):
             # that the next caller creates n + 1 and numbers never repeat.
             path = os.path.join(folder, str(n))
             os.replace(self._write_claim_tmp(path, key, owner, None), path)
+
+    # -- runs: one small JSON file each in .runs/ -----------------------------------
+    def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
+        self._ensure_marker()
+        folder = os.path.join(self.root, RUNS)
+        os.makedirs(folder, exist_ok=True)
+        final = os.path.join(folder, run_id + ".json")
+        tmp = temp_name(final)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+            # No fsync: a run record is a report; one lost to a power cut costs nothing.
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _iter_runs(self) -> Iterator[dict[str, Any]]:
+        folder = os.path.join(self.root, RUNS)
+        try:
+            names = [n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
+        except FileNotFoundError:
+            return
+        for name in names:
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    yield json.load(f)
 
     # -- leftovers of killed writers ---------------------------------------------
     def leftover_temp_files(self, min_age: float = 86400.0) -> list[str]:

@@ -12,7 +12,7 @@ import time
 from typing import Any, Iterator, Optional
 
 from .._codec import Encoded
-from .._errors import NotACheckpointStoreError, StoreOpenError
+from .._errors import CorruptEntryError, NotACheckpointStoreError, StoreOpenError
 from ._base import Loader, Store
 from ._directory import legacy_meta, unwrap_legacy
 from ._fs import NotRegularFileError, fix_for, fsync_dir, open_regular, temp_name
@@ -98,6 +98,11 @@ def migrate_legacy_file(path: str) -> tuple[SQLiteStore, Optional[str], int]:
                     store = SQLiteStore(path)
                     return store, None, len(store)
             data = load_legacy_file(path)
+            for key, record in data.items():
+                if not isinstance(record, dict) or "return" not in record:
+                    # Checked before anything is written: a half-converted file helps nobody.
+                    raise CorruptEntryError(path, str(key), "its record has no 'return' field, so the file is "
+                                            "not a reference checkpoint as written (nothing was changed)")
             backup = backup_path(path)
             shutil.copy2(path, backup)
             with open(backup, "rb") as f:

@@ -17,7 +17,9 @@ back into preallocated buffers, so a 1 GB array costs about 1 GB, not 3.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -39,6 +41,7 @@ logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 APPLICATION = "ai2-kit-checkpoint"
 DEFAULT_SCHEMA = "ai2_kit_checkpoint"
+_RUNS_TABLE = "CREATE TABLE IF NOT EXISTS {s}.runs (id text PRIMARY KEY, record text NOT NULL)"
 #: Frames up to this size are kept in the entry's row.
 INLINE_MAX = 1 << 20
 #: Size of the pieces a larger frame is stored in (the last one may be shorter).
@@ -379,6 +382,7 @@ class PostgresStore(Store):
             )""",
             # Pickled arrays rarely compress: skip pglz's attempt on 8 MiB rows.
             "ALTER TABLE {s}.chunks ALTER COLUMN data SET STORAGE EXTERNAL",
+            _RUNS_TABLE,
             """CREATE TABLE IF NOT EXISTS {s}.claims (
                 key     text COLLATE "C" PRIMARY KEY,
                 owner   text NOT NULL,
@@ -583,6 +587,31 @@ class PostgresStore(Store):
             if len(rows) < PAGE_SIZE:
                 return
             op, bound = ">", rows[-1][0]
+
+    # -- runs (the table is created with the schema, or on first use in older schemas) ---
+    def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
+        def put(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(self._q(_RUNS_TABLE))
+                conn.execute(
+                    self._q("INSERT INTO {s}.runs (id, record) VALUES (%s, %s) "
+                            "ON CONFLICT (id) DO UPDATE SET record = excluded.record"),
+                    (run_id, json.dumps(record)),
+                )
+
+        self._run(put)
+
+    def _iter_runs(self) -> Iterator[dict[str, Any]]:
+        def read(conn: psycopg.Connection[Any]) -> list[Any]:
+            with conn.transaction():
+                if conn.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = %s "
+                                "AND table_name = 'runs'", (self.schema,)).fetchone() is None:
+                    return []  # a schema made before runs were recorded
+                return conn.execute(self._q("SELECT record FROM {s}.runs")).fetchall()
+
+        for (text,) in self._run(read):
+            with contextlib.suppress(ValueError):
+                yield json.loads(text)
 
     def __len__(self) -> int:
         row = self._run(lambda conn: conn.execute(self._q("SELECT count(*) FROM {s}.entries")).fetchone())

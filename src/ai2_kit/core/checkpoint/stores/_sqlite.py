@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -49,6 +50,7 @@ _REREADS = 5
 # ``created`` is a column for people querying the file with SQL, deliberately
 # without an index: every commit would write one more b-tree page, and
 # ``rm --from`` scans the metadata anyway.
+_RUNS_TABLE = "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY NOT NULL, record TEXT NOT NULL)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key     TEXT PRIMARY KEY NOT NULL,
@@ -457,10 +459,11 @@ class SQLiteStore(Store):
             op, bound = ">", rows[-1][0]
 
     # -- leases (one host: the local clock is the only clock) -----------------
-    def _claim_txn(self, sql: str, params: tuple[Any, ...]) -> int:
+    def _unsynced_txn(self, sql: str, params: tuple[Any, ...]) -> int:
         with self._session() as conn:
-            # A lease need not survive a power cut (at worst a step runs twice),
-            # so its commit skips the fsync that entries pay for.
+            # Leases and run records need not survive a power cut (at worst a
+            # step runs twice, or a report misses a run's last counts), so
+            # their commits skip the fsync that entries pay for.
             conn.execute("PRAGMA synchronous=OFF")
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -477,7 +480,7 @@ class SQLiteStore(Store):
 
     def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
         now = time.time()
-        return self._claim_txn(
+        return self._unsynced_txn(
             "INSERT INTO claims (key, owner, expires) VALUES (?, ?, ?) "
             "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
             "WHERE claims.expires < ? OR claims.owner = excluded.owner",
@@ -485,12 +488,29 @@ class SQLiteStore(Store):
         ) == 1
 
     def _renew_claim(self, key: str, owner: str, ttl: float) -> bool:
-        return self._claim_txn(
+        return self._unsynced_txn(
             "UPDATE claims SET expires = ? WHERE key = ? AND owner = ?", (time.time() + ttl, key, owner)
         ) == 1
 
     def _release_claim(self, key: str, owner: str) -> None:
-        self._claim_txn("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+        self._unsynced_txn("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    # -- runs (a table added on first use: older stores simply have none) -------
+    def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
+        self._unsynced_txn(_RUNS_TABLE, ())
+        self._unsynced_txn("INSERT OR REPLACE INTO runs (id, record) VALUES (?, ?)", (run_id, json.dumps(record)))
+
+    def _iter_runs(self) -> Iterator[dict[str, Any]]:
+        try:
+            with self._session() as conn:
+                rows = conn.execute("SELECT record FROM runs").fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return  # written before runs were recorded
+            raise
+        for (text,) in rows:
+            with contextlib.suppress(ValueError):
+                yield json.loads(text)
 
     def __len__(self) -> int:
         with self._session() as conn:

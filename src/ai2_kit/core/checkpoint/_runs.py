@@ -1,0 +1,194 @@
+"""Runs: what each process did with a store (steps run, hits, time saved), recorded in batches.
+
+A run is one process working with one store. Its record names the process
+(host, pid, user, command line, Python) and counts what happened; each entry
+the process saves names its run (``meta["run"]``), so ``runs`` and the report
+can say which run computed what and how much time the hits saved.
+
+The counters are bumped on the hot path (a lock and a few additions) and
+written by a background thread every ``FLUSH_EVERY`` seconds when they
+changed, and once more at exit: a hit never waits for the store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import getpass
+import logging
+import os
+import platform
+import secrets
+import sys
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
+
+from .stores._fs import HOST
+
+if TYPE_CHECKING:
+    from .stores import Store
+
+__all__ = ["RunRecorder", "new_run_id", "FLUSH_EVERY", "MAX_STALE_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two writes of a run's counters while they change.
+FLUSH_EVERY = 5.0
+#: Stale keys remembered per run (the report lists them).
+MAX_STALE_KEYS = 1000
+
+
+def new_run_id(now: float | None = None) -> str:
+    """A run id that sorts by start time and is unique across hosts: ``20261127T081431-host-1234-a1b2``."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{HOST}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no name for this uid (containers): the number will do
+        return str(os.getuid()) if hasattr(os, "getuid") else "?"
+
+
+class RunRecorder:
+    """This process's run on one store.
+
+    ``ran``, ``hit``, ``stale`` and ``save_failed`` only append an event to a
+    deque (atomic, no lock: a hit pays one append); ``flush`` folds the
+    events into the record and writes it (``Store.put_run``). The shared
+    flusher thread flushes every live recorder with new events every
+    ``FLUSH_EVERY`` seconds, and at exit. Failing to write a run record never
+    fails a step: it is logged at DEBUG and the next flush writes it again.
+    """
+
+    def __init__(self, store: Store) -> None:
+        now = time.time()
+        self.store = store
+        self.pid = os.getpid()
+        self.id = new_run_id(now)
+        self._events: collections.deque[tuple[str, Any]] = collections.deque()
+        self._lock = threading.Lock()  # one flush at a time
+        self._unwritten = True  # the record itself was never written
+        self.record: dict[str, Any] = {
+            "id": self.id,
+            "host": HOST,
+            "pid": self.pid,
+            "user": _user(),
+            "argv": list(sys.argv),
+            "python": platform.python_version(),
+            "started": now,
+            "last": now,
+            "steps_run": 0,
+            "hits": 0,
+            "stale": 0,
+            "reruns": 0,
+            "save_failures": 0,
+            "run_seconds": 0.0,
+            "saved_seconds": 0.0,
+            "stale_keys": [],
+        }
+        _flusher.add(self)
+
+    # -- counting (hot path: one append, no I/O, no lock) --------------------------------
+    def ran(self, duration: float) -> None:
+        """A step ran and its result was saved."""
+        self._events.append(("ran", duration))
+
+    def hit(self, original_duration: object) -> None:
+        """A saved result was returned; ``original_duration`` is what the step took when it ran."""
+        self._events.append(("hit", original_duration))
+
+    def stale(self, key: str, rerun: bool) -> None:
+        """A hit was found stale (and, with ``rerun``, its step runs again)."""
+        self._events.append(("stale", (key, rerun)))
+
+    def save_failed(self) -> None:
+        self._events.append(("failed", None))
+
+    # -- writing --------------------------------------------------------------------
+    def _fold(self) -> bool:
+        """Fold the queued events into the record; True when there were any."""
+        rec, events, n = self.record, self._events, 0
+        while events:
+            what, data = events.popleft()
+            n += 1
+            if what == "hit":
+                rec["hits"] += 1
+                if isinstance(data, (int, float)) and not isinstance(data, bool):
+                    rec["saved_seconds"] += float(data)
+            elif what == "ran":
+                rec["steps_run"] += 1
+                rec["run_seconds"] += float(data or 0.0)
+            elif what == "stale":
+                key, rerun = data
+                rec["stale"] += 1
+                rec["reruns"] += bool(rerun)
+                if len(rec["stale_keys"]) < MAX_STALE_KEYS and key not in rec["stale_keys"]:
+                    rec["stale_keys"].append(key)
+            else:
+                rec["save_failures"] += 1
+        return n > 0
+
+    def flush(self) -> None:
+        """Write the record if something happened since the last write."""
+        if os.getpid() != self.pid:
+            return  # a forked child's copy: the parent writes this run
+        with self._lock:
+            if not (self._fold() or self._unwritten) or self._untouched():
+                return
+            self.record["last"] = time.time()
+            record = dict(self.record, stale_keys=list(self.record["stale_keys"]))
+            try:
+                if not self.store.closed:
+                    self.store.put_run(record)
+                    self._unwritten = False
+            except Exception as e:  # a run record is a report, never worth failing a step for
+                logger.debug("could not write run %s to %s: %s", self.id, self.store.location, e)
+
+    def _untouched(self) -> bool:
+        """A run that neither saved nor hit anything is not worth a record."""
+        r = self.record
+        return not (r["steps_run"] or r["hits"] or r["stale"] or r["save_failures"])
+
+
+class _Flusher:
+    """One daemon thread per process that writes the runs that have new events."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet[RunRecorder] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, recorder: RunRecorder) -> None:
+        with self._lock:
+            self._live.add(recorder)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="ai2-kit-runs", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(FLUSH_EVERY)  # a timer, not a wait for a state: flushing is periodic by design
+            self.flush_all()
+
+    def flush_all(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for recorder in live:
+            if recorder._events or recorder._unwritten:
+                recorder.flush()
+
+    def after_fork(self) -> None:
+        # The child has none of the parent's threads; its runs are its own.
+        self._live = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread = None
+
+
+_flusher = _Flusher()
+atexit.register(_flusher.flush_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_flusher.after_fork)
