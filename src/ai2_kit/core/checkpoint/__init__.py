@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import threading
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -28,6 +27,7 @@ from ._checkpointer import (
     FnInfo,
     Key,
     KeyFn,
+    P,  # defined at run time, so typing.get_type_hints() on the public functions finds it
     StoreSpec,
     _normalize_location,
     _warn_off,
@@ -47,16 +47,6 @@ from ._errors import (
     StoreOpenError,
 )
 from .stores import SIGNING_KEY_ENV, DirectoryStore, SQLiteStore, Store, is_postgres_url, open_store
-
-# Defined at run time, not only for type checkers: typing.get_type_hints()
-# on the public functions must find P (the real ai2-kit's tooling and
-# documentation generators call it).
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-else:  # pragma: no cover - Python 3.9
-    from typing_extensions import ParamSpec
-
-P = ParamSpec("P")
 
 __all__ = [
     "set_checkpoint_file",

@@ -42,7 +42,9 @@ from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
 from .stores._fs import HOST
 
-# At run time too, so that typing.get_type_hints() finds P.
+# At run time too, so that typing.get_type_hints() finds P (the real
+# ai2-kit's tooling and documentation generators call it); the facade
+# imports this one.
 if sys.version_info >= (3, 10):
     from typing import ParamSpec
 else:  # pragma: no cover - Python 3.9

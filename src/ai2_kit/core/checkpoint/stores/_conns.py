@@ -39,7 +39,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 __all__ = ["ForkGate", "ThreadConnections", "GroupCommit"]
 
@@ -346,13 +346,18 @@ class GroupCommit(Generic[T, R]):
                 self._queue.remove(me)
             if not (me.lead and not me.done):
                 return  # not our turn to lead: a leader is (or will be) at work
-            nxt = self._queue[0] if self._queue else None
-            if nxt is None:
-                self._busy = False
-            else:
-                nxt.lead = True
+            nxt = self._next_leader()
         if nxt is not None:
             nxt.wakeup.release()
+
+    def _next_leader(self) -> Optional[_Request[T, R]]:
+        """With the lock held: hand the lead to the first waiting request (to wake), or go idle."""
+        nxt = self._queue[0] if self._queue else None
+        if nxt is None:
+            self._busy = False
+        else:
+            nxt.lead = True
+        return nxt
 
     def _take(self) -> list[_Request[T, R]]:
         with self._lock:
@@ -392,11 +397,7 @@ class GroupCommit(Generic[T, R]):
                 if req is not me and req.done:
                     req.wakeup.release()
             with self._lock:
-                nxt = self._queue[0] if self._queue else None
-                if nxt is None:
-                    self._busy = False
-                else:
-                    nxt.lead = True
+                nxt = self._next_leader()
             if nxt is not None:
                 nxt.wakeup.release()
 

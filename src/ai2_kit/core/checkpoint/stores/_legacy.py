@@ -77,6 +77,31 @@ def backup_path(path: str) -> str:
     return candidate
 
 
+@contextlib.contextmanager
+def _edit_lock(path: str) -> Iterator[str]:
+    """Hold the lock file beside a reference file: one process at a time converts or rewrites it.
+
+    Yields the lock file's path (migration removes it once the file is SQLite).
+    """
+    head, tail = os.path.split(path)
+    lock_path = os.path.join(head, f".{tail}.migrate.lock")
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield lock_path
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _backup(path: str) -> str:
+    """A durable copy of ``path`` beside it (``PATH.legacy-<time>.bak``), before it changes."""
+    backup = backup_path(path)
+    shutil.copy2(path, backup)
+    with open(backup, "rb") as f:
+        os.fsync(f.fileno())
+    return backup
+
+
 def migrate_legacy_file(path: str) -> tuple[SQLiteStore, Optional[str], int]:
     """Convert a reference 2023 file in place into an SQLite store.
 
@@ -88,59 +113,50 @@ def migrate_legacy_file(path: str) -> tuple[SQLiteStore, Optional[str], int]:
     someone else migrated, number of entries).
     """
     path = os.path.abspath(path)
-    head, tail = os.path.split(path)
-    lock_path = os.path.join(head, f".{tail}.migrate.lock")
-    with open(lock_path, "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with _edit_lock(path) as lock_path:
+        with open(path, "rb") as f:
+            if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
+                store = SQLiteStore(path)
+                return store, None, len(store)
+        data = load_legacy_file(path)
+        for key, record in data.items():
+            if not isinstance(record, dict) or "return" not in record:
+                # Checked before anything is written: a half-converted file helps nobody.
+                raise CorruptEntryError(path, str(key), "its record has no 'return' field, so the file is "
+                                        "not a reference checkpoint as written (nothing was changed)")
+        backup = _backup(path)
+        created = os.stat(path).st_mtime
+        tmp = temp_name(path)
+        tmp_store = SQLiteStore(tmp, journal="delete")
         try:
-            with open(path, "rb") as f:
-                if f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:
-                    store = SQLiteStore(path)
-                    return store, None, len(store)
-            data = load_legacy_file(path)
             for key, record in data.items():
-                if not isinstance(record, dict) or "return" not in record:
-                    # Checked before anything is written: a half-converted file helps nobody.
-                    raise CorruptEntryError(path, str(key), "its record has no 'return' field, so the file is "
-                                            "not a reference checkpoint as written (nothing was changed)")
-            backup = backup_path(path)
-            shutil.copy2(path, backup)
-            with open(backup, "rb") as f:
-                os.fsync(f.fileno())
-            created = os.stat(path).st_mtime
-            tmp = temp_name(path)
-            tmp_store = SQLiteStore(tmp, journal="delete")
-            try:
-                for key, record in data.items():
-                    meta = legacy_meta(key, record, {"legacy": "reference-file", "created": created})
-                    meta.pop("key", None)
-                    tmp_store.put(key, unwrap_legacy(key, record), **meta)
-                for key in data:  # verify: every entry reads back with its checksum
-                    if tmp_store.lookup(key) is None:
-                        raise RuntimeError(f"entry {key!r} missing after migration")
-                tmp_store.close()
-                if os.path.isdir(tmp + ".blobs"):
-                    os.replace(tmp + ".blobs", path + ".blobs")
-                os.replace(tmp, path)
-                fsync_dir(os.path.dirname(path))
-            except BaseException:
-                tmp_store.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                shutil.rmtree(tmp + ".blobs", ignore_errors=True)
-                raise
-            logger.warning(
-                "Migrated reference checkpoint file %s (%d entries) to the SQLite format; "
-                "the original is kept at %s",
-                path, len(data), backup,
-            )
-            # Safe to remove while locked: whoever locks the old inode next
-            # re-checks the header above and finds the SQLite store.
+                meta = legacy_meta(key, record, {"legacy": "reference-file", "created": created})
+                meta.pop("key", None)
+                tmp_store.put(key, unwrap_legacy(key, record), **meta)
+            for key in data:  # verify: every entry reads back with its checksum
+                if tmp_store.lookup(key) is None:
+                    raise RuntimeError(f"entry {key!r} missing after migration")
+            tmp_store.close()
+            if os.path.isdir(tmp + ".blobs"):
+                os.replace(tmp + ".blobs", path + ".blobs")
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except BaseException:
+            tmp_store.close()
             with contextlib.suppress(OSError):
-                os.unlink(lock_path)
-            return SQLiteStore(path), backup, len(data)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                os.unlink(tmp)
+            shutil.rmtree(tmp + ".blobs", ignore_errors=True)
+            raise
+        logger.warning(
+            "Migrated reference checkpoint file %s (%d entries) to the SQLite format; "
+            "the original is kept at %s",
+            path, len(data), backup,
+        )
+        # Safe to remove while locked: whoever locks the old inode next
+        # re-checks the header above and finds the SQLite store.
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        return SQLiteStore(path), backup, len(data)
 
 
 def remove_from_legacy_file(path: str, keys: list[str]) -> tuple[int, str | None]:
@@ -156,59 +172,51 @@ def remove_from_legacy_file(path: str, keys: list[str]) -> tuple[int, str | None
     there.
     """
     path = os.path.abspath(path)
-    head, tail = os.path.split(path)
-    lock_path = os.path.join(head, f".{tail}.migrate.lock")
-    with open(lock_path, "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    head = os.path.dirname(path)
+    with _edit_lock(path):
+        with open_regular(path) as f:
+            data = f.read()
+        if data.startswith(SQLITE_MAGIC):
+            with SQLiteStore(path) as store:
+                return store.delete_many(keys), None
+        before = _check_shape(path, _read(path, inert_load))
+        drop = {k for k in keys if k in before}
+        if not drop:
+            return 0, None
+        hint = f"Convert it first with 'ai2-kit tool checkpoint migrate {path}' (which unpickles it)"
         try:
-            with open_regular(path) as f:
-                data = f.read()
-            if data.startswith(SQLITE_MAGIC):
-                with SQLiteStore(path) as store:
-                    return store.delete_many(keys), None
-            before = _check_shape(path, _read(path, inert_load))
-            drop = {k for k in keys if k in before}
-            if not drop:
-                return 0, None
-            hint = f"Convert it first with 'ai2-kit tool checkpoint migrate {path}' (which unpickles it)"
-            try:
-                new, left = remove_keys(data, drop)
-                after = _check_shape(path, inert_loads(new))
-                # Read back: the keys left, and each kept record exactly as it was.
-                same = list(after) == left and all(shape(after[k]) == shape(before[k]) for k in left)
-            except Exception as e:  # a layout remove_keys does not follow, or too deep to compare
-                raise NotACheckpointStoreError(
-                    path, f"its layout is not one this tool can edit without unpickling ({type(e).__name__}: {e})",
-                    hint,
-                ) from e
-            if not same:
-                raise NotACheckpointStoreError(
-                    path, "removing entries would change the ones that stay; nothing was changed", hint
-                )
-            backup = backup_path(path)
-            shutil.copy2(path, backup)
-            with open(backup, "rb") as f:
-                os.fsync(f.fileno())
-            tmp = temp_name(path)
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(new)
-                    f.flush()
-                    os.fsync(f.fileno())
-                shutil.copystat(path, tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            fsync_dir(head)
-            logger.warning(
-                "Removed %d %s from reference checkpoint file %s without unpickling it; "
-                "the original is kept at %s", len(drop), "entry" if len(drop) == 1 else "entries", path, backup,
+            new, left = remove_keys(data, drop)
+            after = _check_shape(path, inert_loads(new))
+            # Read back: the keys left, and each kept record exactly as it was.
+            same = list(after) == left and all(shape(after[k]) == shape(before[k]) for k in left)
+        except Exception as e:  # a layout remove_keys does not follow, or too deep to compare
+            raise NotACheckpointStoreError(
+                path, f"its layout is not one this tool can edit without unpickling ({type(e).__name__}: {e})",
+                hint,
+            ) from e
+        if not same:
+            raise NotACheckpointStoreError(
+                path, "removing entries would change the ones that stay; nothing was changed", hint
             )
-            return len(drop), backup
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        backup = _backup(path)
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(new)
+                f.flush()
+                os.fsync(f.fileno())
+            shutil.copystat(path, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(head)
+        logger.warning(
+            "Removed %d %s from reference checkpoint file %s without unpickling it; "
+            "the original is kept at %s", len(drop), "entry" if len(drop) == 1 else "entries", path, backup,
+        )
+        return len(drop), backup
 
 
 class LegacyFileStore(Store):
