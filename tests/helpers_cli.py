@@ -27,7 +27,27 @@ KEYS = [
 ]
 AFTER_RM_DEEPMD = sorted(set(KEYS) - {"iters-000/deepmd/red", "iters-000/deepmd/neu"})
 KINDS = ["sqlite", "directory", "reference-file", "reference-dir"]
-FIXTURES = Path("/work/shared/fixtures/legacy")
+
+
+def _shared_fixtures() -> Path:
+    """The reference design's real files (shared/fixtures/legacy, outside this repository).
+
+    ``$AI2_KIT_SHARED_FIXTURES`` names the folder; otherwise ``shared/`` beside
+    the checkout (or beside the main checkout of a git worktree). Tests that
+    need them skip where they are absent.
+    """
+    given = os.environ.get("AI2_KIT_SHARED_FIXTURES")
+    if given:
+        return Path(given)
+    repo = Path(__file__).resolve().parents[1]
+    for top in (repo.parent, repo.parent.parent):
+        candidate = top / "shared" / "fixtures" / "legacy"
+        if candidate.is_dir():
+            return candidate
+    return repo.parent / "shared" / "fixtures" / "legacy"
+
+
+FIXTURES = _shared_fixtures()
 
 
 def value_of(key: str) -> Any:

@@ -22,8 +22,7 @@ from ai2_kit.core.checkpoint import (
     set_checkpoint_file,
 )
 from ai2_kit.core.checkpoint.stores import DirectoryStore, LegacyFileStore, SQLiteStore, open_store
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "legacy"
+from helpers_cli import FIXTURES
 
 # What the reference stored: key -> (value, is_awaitable)
 ENTRIES: dict[str, tuple[Any, bool]] = {
