@@ -160,11 +160,12 @@ class Ours(Contender):
     durable = True
     prefer = "file"
     name = "ckpt.db"
+    stale = "warn"  # the default: staleness checks on
 
     def open(self, fn: Step) -> Call:
         from ai2_kit.core.checkpoint import Checkpointer
 
-        self.ckpt = Checkpointer(os.path.join(self.root, self.name), prefer=self.prefer)
+        self.ckpt = Checkpointer(os.path.join(self.root, self.name), prefer=self.prefer, stale=self.stale)
         ckpt = self.ckpt
         # As a workflow calls it: a decorator per call, keyed by a string.
         return lambda i: ckpt(key_of(i))(fn)(i)
@@ -179,6 +180,12 @@ class Ours(Contender):
 class OursDir(Ours):
     prefer = "dir"
     name = "ckpt.d"
+
+
+class OursIgnore(Ours):
+    """The SQLite store with stale="ignore": no fingerprints, as the reference."""
+
+    stale = "ignore"
 
 
 class Joblib(Contender):
@@ -335,6 +342,7 @@ class PickleAppend(Contender):
 
 CONTENDERS: dict[str, type[Contender]] = {
     "sqlite": Ours,
+    "sqlite_ignore": OursIgnore,
     "dir": OursDir,
     "joblib": Joblib,
     "diskcache": Diskcache,
@@ -347,7 +355,7 @@ CONTENDERS: dict[str, type[Contender]] = {
 
 def import_for(contender: str) -> None:
     """Import what a contender needs before the baseline memory is taken."""
-    if contender in ("sqlite", "dir"):
+    if contender in ("sqlite", "sqlite_ignore", "dir"):
         import ai2_kit.core.checkpoint  # noqa: F401
     elif contender == "joblib":
         import joblib  # noqa: F401

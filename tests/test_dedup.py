@@ -181,8 +181,9 @@ def test_owner_saving_between_lookup_and_claim_is_a_hit(store_factory: Callable[
     class OtherFinishesRightAfterTheLookup(Checkpointer):
         first = True
 
-        def lookup(self, key: str) -> tuple[bool, Any, dict[str, Any]]:
-            found = super().lookup(key)
+        # The look-up of a call (its short way, or lookup).
+        def lookup_call(self, key: str, digest: Any, kcrc: Any) -> tuple[bool, Any, dict[str, Any], bool]:
+            found = super().lookup_call(key, digest, kcrc)
             if self.first:
                 self.first = False
                 other = Checkpointer(store=store_factory(), dedup=True, lease=30)

@@ -543,3 +543,40 @@ def test_compare_edge_cases() -> None:
     assert compare({"code": rec["code"], "fn": "step"}, rec) == []
     msg = describe("k", ["argument 'x' changed"])
     assert msg == "checkpoint 'k' was saved for another call: argument 'x' changed"
+
+
+# -- the short way for small common shapes (issue 15) ---------------------------------
+
+_SMALL_SHAPES: list[Any] = [
+    (1, 2.5, "s"), [1, 2, 3], {"a": 1, "b": "x"}, {1: None, 2: True, 3: False},
+    {"cfg": {"lr": 1e-3, "layers": [64, 64]}, "seed": 7}, ("a" * 30, -(2 ** 63), 2 ** 63 - 1),
+    [(1, 2), [3, 4], {"k": 5}], {}, (), [], "é" * 40, (2 ** 64,), {"x": (1, "\ud800")},
+    [float("inf"), -0.0, 0.0], (None,), [[]], {"a": {}}, {"b": [1, {"c": 2}]}, {1: "a", "b": 2},
+    tuple(range(64)), tuple(range(65)), [1.5] * 64, {"n": float("nan")}, [[[[[1]]]]], [[[[1]]]],
+    {"k": "x" * 70000}, (True, 1), {True: 1}, (1, np.int64(2)), [b"bytes"], {"s": {1, 2}},
+]
+
+
+@pytest.mark.parametrize("value", _SMALL_SHAPES, ids=lambda v: type(v).__name__)
+def test_the_short_way_gives_the_walks_digest(value: Any) -> None:
+    assert fpmod._digest_walk(value) == fpmod._walk_digest(value)
+
+
+def test_a_container_holding_itself_takes_the_walk() -> None:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    assert fpmod._small_bytes(loop) is None
+    assert fpmod._digest_walk(loop) == fpmod._walk_digest(loop)
+
+
+@pytest.mark.parametrize("value, digest", [
+    ((1, 2.5, "s"), "c60d2da3a10b836b858990b48c98fb36"),
+    ({"cfg": {"lr": 1e-3, "layers": [64, 64]}, "seed": 7}, "0b6bc565cf5e2c8f5ddbd53c4b7c67c1"),
+    ([None, True, -(2 ** 63)], "c76ba53ba08430ecab1d1e0144434d16"),
+    ({3: "x", 1: ("y", 2.0)}, "bf88196a79610f7f8d797d8cfb476064"),
+])
+def test_digests_of_records_written_before_the_short_way_are_unchanged(value: Any, digest: str) -> None:
+    # Computed by the canonical walk alone (the library before issue 15):
+    # entries saved then must still compare equal.
+    assert fpmod._small_bytes(value) is not None  # the short way is the one tested
+    assert fingerprint_value(value) == digest

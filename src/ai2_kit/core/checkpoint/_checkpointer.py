@@ -40,7 +40,9 @@ from ._fingerprint import check_environment_policy, explain, fingerprint, judge
 from ._keys import validate_key
 from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
+from .stores._base import MISSING
 from .stores._fs import HOST
+from .stores._sqlite import key_crc
 
 # At run time too, so that typing.get_type_hints() finds P (the real
 # ai2-kit's tooling and documentation generators call it); the facade
@@ -613,6 +615,31 @@ class Checkpointer:
             return False, None, {}
         return True, hit.value, hit.meta
 
+    def lookup_call(
+        self, key: str, digest: Optional[str], kcrc: Optional[int]
+    ) -> tuple[bool, Any, dict[str, Any], bool]:
+        """The look-up of a call: (found, value, meta, settled).
+
+        ``settled``: found with the call's fingerprint digest ``digest`` (any,
+        when None), or surely missing; nothing left to judge. The short way
+        (``Store.lookup_fast``: one SELECT, one CRC, one digest compared, one
+        ``loads``) when the store has one and ``kcrc`` (``key_crc(key)``) is
+        given; whatever it cannot settle (a digest that differs: maybe stale)
+        goes the full way, ``lookup``, which also reports any damage.
+        """
+        if kcrc is not None:
+            try:
+                fast = self.store.lookup_fast(key, digest, kcrc)
+            except Exception as e:  # the full way says what it is
+                logger.debug("short look-up of checkpoint %s failed: %s", key, e)
+                fast = None
+            if fast is MISSING:
+                return False, None, {}, True
+            if fast is not None:
+                return True, fast[0], {"key": key, "duration": fast[1], "is_awaitable": fast[2]}, True
+        found, value, meta = self.lookup(key)
+        return found, value, meta, False
+
     def log_hit(self, key: str, meta: dict[str, Any]) -> None:
         """The one INFO line a returned hit gets (and the run's count of hits)."""
         dur = meta.get("duration")
@@ -1048,6 +1075,37 @@ def _rebuild_wrapper(payload: bytes, disable: bool, stale: Optional[str], spec: 
     return CheckpointedFunction(fn, key, disable, stale, spec=spec, received=True)
 
 
+#: What ``functools.update_wrapper`` would copy, per wrapped function, worked
+#: out once: workflows make a wrapper per call (``apply_checkpoint(key)(f)(x)``),
+#: and copying the attributes one by one was a tenth of a hit. Weak keys: the
+#: entry goes with its function (the values never refer to it).
+_FN_STATE: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], str, bool]] = weakref.WeakKeyDictionary()
+_WRAPPER_ATTRS = functools.WRAPPER_ASSIGNMENTS
+
+
+def _fn_state(fn: Callable[..., Any]) -> tuple[dict[str, Any], str, bool]:
+    """(attributes to copy, qualified name, is a coroutine function) of ``fn``."""
+    try:
+        got = _FN_STATE.get(fn)
+    except TypeError:  # not weakly referable (nor hashable): worked out each time
+        got = None
+    if got is not None:
+        return got
+    attrs: dict[str, Any] = {}
+    for attr in _WRAPPER_ATTRS:
+        try:
+            attrs[attr] = getattr(fn, attr)
+        except AttributeError:
+            pass
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    state = (attrs, str(qualname), inspect.iscoroutinefunction(fn))
+    try:
+        _FN_STATE[fn] = state
+    except TypeError:
+        pass
+    return state
+
+
 class CheckpointedFunction:
     """A function whose calls are checkpointed: what ``apply_checkpoint`` returns.
 
@@ -1081,16 +1139,26 @@ class CheckpointedFunction:
             validate_key(key)  # fail at decoration time, before any step runs
         if stale is not None:
             _check_policy(stale)
-        functools.update_wrapper(self, fn)
+        attrs, name, coro = _fn_state(fn)
+        # functools.update_wrapper, from what was worked out once per function.
+        d = self.__dict__
+        d.update(attrs)
+        fn_dict = getattr(fn, "__dict__", None)
+        if fn_dict:
+            d.update(fn_dict)
+        d["__wrapped__"] = fn
         self._ck_key = key
+        #: The key when it is a string (checked above), and the start of its hit CRC.
+        self._ck_k: Optional[str] = key if isinstance(key, str) else None
+        self._ck_kcrc: Optional[int] = None
         self._ck_disable = disable
         self._ck_stale = stale
         self._ck_bound = ckpt
         self._ck_default = default
         self._ck_spec = spec
         self._ck_received = received
-        self._ck_name = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
-        self._ck_coro = inspect.iscoroutinefunction(fn)
+        self._ck_name = name
+        self._ck_coro = coro
         if self._ck_coro:
             _mark_coroutine_function(self, fn)
 
@@ -1161,6 +1229,9 @@ class CheckpointedFunction:
         }
         if fp is not None:
             out["fingerprint"] = fp
+            digest = getattr(fp, "digest", None)
+            if digest is not None:
+                out["fpd"] = digest  # what later hits compare first (see Store.lookup_fast)
         return out
 
     def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict) -> tuple[Any, ...]:
@@ -1168,6 +1239,17 @@ class CheckpointedFunction:
         policy = self._ck_stale or ckpt.stale
         fn = self.__wrapped__  # type: ignore[attr-defined]
         fp = None if policy == "ignore" else ckpt.fingerprint(fn, args, kwargs)
+        digest = None if fp is None else getattr(fp, "digest", None)
+        kcrc = None
+        if fp is None or digest is not None:  # else: a record without its digest, judged in full
+            kcrc = self._ck_kcrc
+            if kcrc is None or k is not self._ck_k:
+                kcrc = key_crc(k)
+                if k is self._ck_k:
+                    self._ck_kcrc = kcrc
+        found, value, meta, settled = ckpt.lookup_call(k, digest, kcrc)
+        if settled:
+            return found, value, meta, fp, None
         found, value, meta = ckpt.lookup(k)
         rejected = None
         if found and fp is not None and not ckpt.accept(k, meta, fp, policy):
@@ -1179,11 +1261,11 @@ class CheckpointedFunction:
         if self._ck_coro:
             if self._ck_disable or self._resolve() is None:
                 return fn(*args, **kwargs)
-            site = _call_site(1)
-            k = _resolve_key(self._ck_key, fn, args, kwargs, site)
+            at = _call_site(1)
+            k = self._ck_k or _resolve_key(self._ck_key, fn, args, kwargs, at)
             # Nothing is counted or claimed before the coroutine starts: one
             # that is never awaited holds nothing.
-            return self._run_async(k, site, args, kwargs)
+            return self._run_async(k, at, args, kwargs)
         ckpt = self._acquire()
         if ckpt is None:
             return fn(*args, **kwargs)
@@ -1191,12 +1273,18 @@ class CheckpointedFunction:
         flight: Optional[_Flight] = None
         handed_over = False
         try:
-            site = _call_site(1)
-            k = _resolve_key(self._ck_key, fn, args, kwargs, site)
+            site: Optional[str] = None
+            if self._ck_k is not None:
+                k = self._ck_k
+            else:
+                site = _call_site(1)
+                k = _resolve_key(self._ck_key, fn, args, kwargs, site)
             found, value, meta, fp, rejected = self._prepare(ckpt, k, args, kwargs)
             if found:
                 ckpt.log_hit(k, meta)
                 return _ready(value) if meta.get("is_awaitable") else value
+            if site is None:  # a string key: the call site is needed only by a save
+                site = _call_site(1)
             if ckpt.dedup:
                 while True:
                     flight, mine = ckpt._join_flight(k, fn, False)
@@ -1237,7 +1325,10 @@ class CheckpointedFunction:
             return ret
         finally:
             if not handed_over:
-                _end_call(ckpt, lease, flight)
+                if lease is None and flight is None:
+                    ckpt._leave()  # a hit, or a plain miss: nothing else to end
+                else:
+                    _end_call(ckpt, lease, flight)
 
     async def _finish(self, ckpt: Checkpointer, k: str, site: str, started: float, pending: Awaitable[Any],
                       lease: Optional[Lease], flight: Optional[_Flight], fp: Optional[dict[str, Any]]) -> Any:

@@ -47,16 +47,18 @@ checkpointer is told so (``environment="stale"``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shlex
 import sys
 import types
+import weakref
 from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from ._bind import _inputs, fingerprint_inputs
-from ._code import BYTECODE_TAG, CodePart, _is_user_file, code_part, fingerprint_code, legacy_code
+from ._code import BYTECODE_TAG, CodePart, _is_user_file, _validity, code_part, fingerprint_code, legacy_code
 from ._walk import _INLINE_REPR, UnfingerprintableError, fingerprint_value
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "UnfingerprintableError",
     "Verdict",
     "fingerprint",
+    "call_digest",
     "fingerprint_inputs",
     "fingerprint_code",
     "fingerprint_value",
@@ -235,9 +238,53 @@ class Record(dict):  # type: ignore[type-arg]
     with a version-1 record needs: the function and the arguments whose digest
     differs under version-1 rules."""
 
-    __slots__ = ("fn_obj", "legacy_args")
+    __slots__ = ("fn_obj", "legacy_args", "digest")
     fn_obj: Any
     legacy_args: Dict[str, str]
+    #: ``call_digest`` of the record: what a hit compares before anything else.
+    digest: str
+
+
+#: (id of a CodePart, id of an environment dict) -> (the two, digest of the
+#: parts that are the same for every call of a function in this process).
+_STATIC: Dict[Tuple[int, int], Tuple[Any, Any, bytes]] = {}
+
+
+def _static_digest(part: CodePart, env: Dict[str, Any]) -> bytes:
+    # Both objects are cached for the life of the process (code_part,
+    # environment): their ids name them while we hold them here.
+    k = (id(part), id(env))
+    got = _STATIC.get(k)
+    if got is not None and got[0] is part and got[1] is env:
+        return got[2]
+    helpers = sorted((name, list(v)) for name, v in (part.helpers or {}).items())
+    text = repr((FORMAT_VERSION, part.code, BYTECODE_TAG, helpers, env.get("python"),
+                 sorted((env.get("packages") or {}).items())))
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    if len(_STATIC) >= 4096:
+        _STATIC.clear()
+    _STATIC[k] = (part, env, digest)
+    return digest
+
+
+def call_digest(static: bytes, inputs: Dict[str, Any]) -> str:
+    """One digest of everything ``judge`` compares: equal digests, nothing to report.
+
+    A hit compares this one string first, and reads and compares the whole
+    records only when it differs (or is missing: entries saved before it
+    existed). Unequal digests do not mean stale (``**kwargs`` items passed
+    in another order, say: the digest follows the record's order, which is
+    the parameters' and then the call's): the records decide then.
+    """
+    text = repr((inputs["args"], inputs["unhashable"]))
+    # The static digest as a prefix (fixed length): cheaper than a keyed hash here.
+    return hashlib.blake2b(static + text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+#: Plain functions -> (validity, the record's parts that are the same for
+#: every call, static digest): a hit's fingerprint is then its arguments'.
+#: Weak keys, as code_part's cache (whose validity rule this follows).
+_BASES: weakref.WeakKeyDictionary[Any, Tuple[Tuple[int, ...], Dict[str, Any], bytes]] = weakref.WeakKeyDictionary()
 
 
 def _fn_name(fn: Any) -> str:
@@ -265,14 +312,26 @@ def fingerprint(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
     (['args', 'bc', 'code', 'env', 'fn', 'unhashable', 'v'], 'f', {'x': '1'})
     """
     inputs, legacy_args = _inputs(fn, args, kwargs)
-    part = code_part(fn)
-    rec = Record(v=FORMAT_VERSION, fn=_fn_name(fn), code=part.code, bc=BYTECODE_TAG)
-    if part.helpers:
-        rec["helpers"] = dict(part.helpers)
-    rec["env"] = environment(part.imports)
+    plain = type(fn) is types.FunctionType and "__wrapped__" not in fn.__dict__
+    got = _BASES.get(fn) if plain else None
+    if got is not None and got[0] == _validity([fn]):
+        base, static = got[1], got[2]
+    else:
+        part = code_part(fn)
+        base = {"v": FORMAT_VERSION, "fn": _fn_name(fn), "code": part.code, "bc": BYTECODE_TAG}
+        if part.helpers:
+            base["helpers"] = dict(part.helpers)
+        env = base["env"] = environment(part.imports)
+        static = _static_digest(part, env)
+        if plain:
+            _BASES[fn] = (_validity([fn]), base, static)
+    rec = Record(base)
+    if "helpers" in rec:  # the caller may change its record: never the cached one's parts
+        rec["helpers"] = dict(rec["helpers"])
     rec.update(inputs)
     rec.fn_obj = fn
     rec.legacy_args = legacy_args
+    rec.digest = call_digest(static, inputs)
     return rec
 
 

@@ -562,8 +562,88 @@ def _digest_hex(x: Any) -> str:
     return _digest_walk(x)[0]
 
 
+# -- the short way for small common shapes -----------------------------------------
+#
+# Scalars, and tuples, lists and dicts (str or int keys) of scalars or of such
+# containers of scalars: what configs and step arguments mostly are. The same
+# bytes as the canonical walk, written without its machinery (walker object,
+# cycle stack, dispatch per item); anything else answers None and takes the
+# walk. tests/test_fingerprint.py checks the two agree on many shapes.
+
+_Q = _pack_Q
+_SMALL_STR = _INLINE_BUFFER
+
+
+_MIN_Q, _MAX_Q = -0x8000000000000000, 0x7FFFFFFFFFFFFFFF
+
+
+class _NotSmall(Exception):
+    pass
+
+
+def _put_small(out: List[bytes], x: Any, depth: int) -> None:
+    """Append the canonical stream of ``x`` to ``out``; _NotSmall when it is not a small common value.
+
+    Containers nest at most 4 deep (so a cycle, which the walk writes as a
+    back reference, can never be written here) and hold at most 64 items.
+    """
+    t = type(x)
+    if t is str:
+        data = x.encode("utf-8", "surrogatepass")
+        if len(data) > _SMALL_STR:
+            raise _NotSmall
+        out.append(b"s" + _Q(len(data)) + data)
+    elif t is int:
+        if not _MIN_Q <= x <= _MAX_Q:
+            raise _NotSmall
+        out.append(b"i" + _pack_q(x))
+    elif t is float:
+        out.append(b"f" + _pack_d(x))
+    elif t is bool:
+        out.append(b"T" if x else b"F")
+    elif x is None:
+        out.append(b"N")
+    elif t is tuple or t is list:
+        if depth >= 4 or len(x) > 64:
+            raise _NotSmall
+        out.append((b"U" if t is tuple else b"L") + _Q(len(x)))
+        for item in x:
+            _put_small(out, item, depth + 1)
+    elif t is dict:
+        if depth >= 4 or len(x) > 64:
+            raise _NotSmall
+        keys = list(x)
+        if not _sortable(keys):
+            raise _NotSmall
+        keys.sort()
+        out.append(b"D" + _Q(len(keys)))
+        for k in keys:
+            _put_small(out, k, depth)  # str or int
+            _put_small(out, x[k], depth + 1)
+    else:
+        raise _NotSmall
+
+
+def _small_bytes(x: Any) -> bytes | None:
+    """The canonical stream of a small common value, or None (take the walk)."""
+    out: List[bytes] = []
+    try:
+        _put_small(out, x, 0)
+    except _NotSmall:
+        return None
+    return b"".join(out)
+
+
 def _digest_walk(x: Any, legacy: bool = False) -> tuple[str, bool]:
     """The hex digest of ``x``, and whether a function or code object was in it."""
+    data = _small_bytes(x)
+    if data is not None:  # no function can be inside: the same under both rules
+        return _hash(data).digest()[:_DIGEST_BYTES].hex(), False
+    return _walk_digest(x, legacy)
+
+
+def _walk_digest(x: Any, legacy: bool = False) -> tuple[str, bool]:
+    """``_digest_walk`` by the canonical walk alone."""
     w = _Walker(legacy=legacy)
     try:
         w.walk(x)

@@ -14,7 +14,7 @@ from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, S
 from .._keys import key_matcher, prefix_of, validate_key
 from ._fs import HOST
 
-__all__ = ["Store", "Hit", "FORMAT_VERSION", "library_version"]
+__all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "library_version"]
 
 #: Version of the on-disk formats written by this library (metadata record,
 #: frame layout, SQLite schema, directory layout).
@@ -44,6 +44,10 @@ def library_version() -> str:
 
 
 
+
+
+#: What ``Store.lookup_fast`` answers when the key has no entry.
+MISSING: Any = object()
 
 
 class Hit(NamedTuple):
@@ -178,6 +182,18 @@ class Store(ABC):
             if close is not None:  # loaders holding an open file release it
                 close()
         return Hit(meta, value)
+
+    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int) -> Any:
+        """A hit's short way, for engines that keep what a hit needs apart from the metadata.
+
+        ``(value, duration, is_awaitable)`` when the entry is there, intact,
+        and saved for a call whose fingerprint digest is ``digest`` (any,
+        when None); ``MISSING`` when there is no entry; None when the engine
+        cannot tell that way (the caller then uses ``lookup``, which reads,
+        checks and compares the whole record). ``key`` is valid already.
+        The default always answers None.
+        """
+        return None
 
     def _load(self, key: str, meta: dict[str, Any], load: Loader) -> Any:
         if meta.get("key") != key:

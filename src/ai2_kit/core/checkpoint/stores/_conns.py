@@ -68,29 +68,42 @@ class ForkGate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # The lock is used bare on the hot path (its C-level context manager;
+        # a Condition's is Python code), and waiters are woken only while a
+        # fork waits for them.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self._forking = False
         self._depth = threading.local()
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        depth = getattr(self._depth, "n", 0)
-        if depth == 0:
-            with self._cond:
-                while self._forking:
-                    self._cond.wait()
-                self._active += 1
-        self._depth.n = depth + 1
+        depth = self.enter()
         try:
             yield
         finally:
-            self._depth.n = depth
-            if depth == 0:
-                with self._cond:
-                    self._active -= 1
-                    if self._active == 0:
-                        self._cond.notify_all()
+            self.leave(depth)
+
+    def enter(self) -> int:
+        """``shared()`` without a context manager (a hit's path): pair with ``leave``."""
+        local = self._depth
+        depth = getattr(local, "n", 0)
+        if depth == 0:
+            with self._lock:
+                while self._forking:
+                    self._cond.wait()
+                self._active += 1
+        local.n = depth + 1
+        return depth
+
+    def leave(self, depth: int) -> None:
+        self._depth.n = depth
+        if depth == 0:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0 and self._forking:
+                    self._cond.notify_all()
 
     def inside(self) -> bool:
         """Whether the calling thread is inside an operation."""

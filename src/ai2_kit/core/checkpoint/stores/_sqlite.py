@@ -6,14 +6,17 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import secrets
 import sqlite3
+import struct
 import time
+import zlib
 from typing import Any, Iterator, Optional, Tuple
 
-from .._codec import Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
+from .._codec import FRAME_MAGIC, Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
-from ._base import FORMAT_VERSION, Loader, Store, library_version
+from ._base import FORMAT_VERSION, MISSING, Loader, Store, library_version
 from ._conns import GroupCommit, ThreadConnections
 from ._fs import (
     HOST,
@@ -57,7 +60,11 @@ CREATE TABLE IF NOT EXISTS entries (
     created REAL NOT NULL,
     meta    TEXT NOT NULL,
     value   BLOB,
-    blob    TEXT
+    blob    TEXT,
+    fpd     TEXT,
+    hcrc    INTEGER,
+    dur     REAL,
+    aw      INTEGER
 );
 CREATE INDEX IF NOT EXISTS entries_blob ON entries (blob) WHERE blob IS NOT NULL;
 CREATE TABLE IF NOT EXISTS store_info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
@@ -80,6 +87,43 @@ def _successor(prefix: str) -> str | None:
 
 #: How SQLite syncs a commit (see _connect).
 _SYNC = "EXTRA"
+
+#: What a hit reads instead of the metadata record (``lookup_fast``): the
+#: call's fingerprint digest, a CRC-32 binding the key, the awaitable flag and
+#: the frame together, the original duration, and whether the value was an
+#: awaitable's. Files made before these columns existed get
+#: them with their first save (``ALTER TABLE``; older libraries name their
+#: columns, so they keep reading and writing such files, leaving these NULL,
+#: which sends hits of those rows down the full path).
+_HIT_COLUMNS = (("fpd", "TEXT"), ("hcrc", "INTEGER"), ("dur", "REAL"), ("aw", "INTEGER"))
+_INSERT = ("INSERT OR REPLACE INTO entries (key, created, meta, value, blob, fpd, hcrc, dur, aw) "
+           "VALUES (?,?,?,?,?,?,?,?,?)")
+_INSERT_OLD = "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)"
+# The digest is compared by SQLite, on the row the key's index found; no
+# row is a miss, settled by this one query (a miss runs a step and saves).
+_FAST_SELECT = "SELECT value, hcrc, aw, dur, fpd IS ? OR fpd = '-' FROM entries WHERE key=?"
+#: ``fpd`` of an entry saved without fingerprints (stale="ignore", a migrated
+#: reference entry): any call may have it, as ``Checkpointer.accept`` says.
+ANY_CALL = "-"
+_FAST_SELECT_ANY = "SELECT value, hcrc, aw, dur, 1 FROM entries WHERE key=?"
+_FAST_HEAD = FRAME_MAGIC + b"\x01\x00\x00\x00"  # one part: no out-of-band buffers
+_LEN = struct.Struct("<Q").unpack_from
+
+
+def key_crc(key: str) -> int:
+    """The start of a hit CRC: the key's (kept per key by the checkpointer)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass"))
+
+
+def hit_crc(kcrc: int, aw: int, frame: Any) -> int:
+    """CRC-32 of the key, the awaitable flag and the frame, in that order.
+
+    A damaged byte in any of them, or an index entry that leads to another
+    key's row, fails it, and the hit goes the full way (metadata checksum,
+    key check, frame checksum), which reports the damage. (A damaged digest
+    only makes a fresh entry look different: the full way then judges it.)
+    """
+    return zlib.crc32(frame, kcrc if aw == 0 else zlib.crc32(b"\x01", kcrc))
 
 
 class SQLiteStore(Store):
@@ -110,6 +154,7 @@ class SQLiteStore(Store):
         self.path = path
         self.blob_dir = path + ".blobs"
         self._ro_plain: bool | None = None  # see _connect_readonly
+        self._hit_cols = False  # whether ``entries`` has the _HIT_COLUMNS (see _check_schema)
         # Connections per thread, closed with their thread and before any fork;
         # saves that arrive together share one commit (stores/_conns.py).
         self._conns = ThreadConnections(self._open_conn, _close_quietly, close_at_fork=True)
@@ -258,6 +303,7 @@ class SQLiteStore(Store):
             err = NewerFormatError(self.path, version, FORMAT_VERSION, self._info("created_by"))
             self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
             return
+        self._hit_cols = _has_hit_columns(conn)
         if not self.readonly:
             self._set_journal_mode(conn)
             if os.path.isdir(self.blob_dir):
@@ -316,6 +362,42 @@ class SQLiteStore(Store):
         logger.debug("%s: %r kept changing while being read; treated as missing", self.path, key)
         return None
 
+    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int) -> Any:
+        """A hit's short way: ``(value, duration, is_awaitable)``, ``MISSING``, or None (go the full way).
+
+        ``key`` must be valid already and ``kcrc`` be ``key_crc(key)``. One
+        indexed SELECT of the hit columns, one CRC over key, digest, flag and
+        frame (``hit_crc``), one comparison of the fingerprint digest (none
+        when ``digest`` is None: stale="ignore"), one ``loads``. Anything
+        else (a side file, a signed store, a row written by an older
+        library, a digest that differs, a frame with buffers) answers None,
+        and ``lookup`` reads and checks the whole record.
+        """
+        if not self._hit_cols or self.signer is not None or self.closed:
+            return None
+        conns = self._conns
+        gate = conns.gate
+        depth = gate.enter()
+        try:
+            if digest is None:
+                row = conns.get().execute(_FAST_SELECT_ANY, (key,)).fetchone()
+            else:
+                row = conns.get().execute(_FAST_SELECT, (digest, key)).fetchone()
+        finally:
+            gate.leave(depth)
+        if row is None:
+            return MISSING
+        frame, hcrc, aw, dur, same = row
+        # Saved for another call (maybe stale: the full way judges it), before
+        # the columns, with a side file, or damaged: the full way.
+        if not same or hcrc is None or type(frame) is not bytes or (aw != 0 and aw != 1):
+            return None
+        if zlib.crc32(frame, kcrc if aw == 0 else zlib.crc32(b"\x01", kcrc)) != hcrc:
+            return None
+        if not frame.startswith(_FAST_HEAD) or len(frame) < 16 or _LEN(frame, 8)[0] + 16 != len(frame):
+            return None
+        return pickle.loads(memoryview(frame)[16:]), dur, aw == 1
+
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         with self._session() as conn:
             row = conn.execute("SELECT meta FROM entries WHERE key=?", (key,)).fetchone()
@@ -355,7 +437,14 @@ class SQLiteStore(Store):
             blob = self._write_blob(encoded)
         else:
             value = encoded.to_bytes()
-        row: _Row = (key, meta["created"], meta_to_json(meta), value, blob)
+        fpd = meta.get("fpd") if meta.get("fingerprint") else ANY_CALL
+        aw = 1 if meta.get("is_awaitable") else 0
+        dur = meta.get("duration")
+        hcrc = None
+        if value is not None and self.signer is None and (fpd is None or isinstance(fpd, str)):
+            hcrc = hit_crc(key_crc(key), aw, value)
+        row: _Row = (key, meta["created"], meta_to_json(meta), value, blob, fpd, hcrc,
+                     dur if isinstance(dur, (int, float)) else None, aw)
         try:
             # Saves arriving together from several threads share one
             # transaction and one fsync; this returns once ours is committed.
@@ -375,24 +464,31 @@ class SQLiteStore(Store):
         with self._session() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # Set only once committed: a rolled-back ALTER leaves the old columns.
+                cols = self._hit_cols or _add_hit_columns(conn)
                 # One query for the side files being replaced and one prepared
                 # INSERT for all rows: a batch costs little more than one entry.
                 current: dict[str, str | None] = {}
-                for i in range(0, len(keys), 200):
+                # Side files live in blob_dir, made before their row commits: with
+                # none there (seen inside this write transaction), no row being
+                # replaced can name one, and the query is saved.
+                for i in range(0, len(keys) if os.path.isdir(self.blob_dir) else 0, 200):
                     part = keys[i : i + 200]
                     current.update(conn.execute(
                         f"SELECT key, blob FROM entries WHERE key IN ({','.join('?' * len(part))})", part
                     ).fetchall())
-                conn.executemany(
-                    "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)", rows
-                )
+                if cols:
+                    conn.executemany(_INSERT, rows)
+                else:  # a file we may not change the schema of: the columns it has
+                    conn.executemany(_INSERT_OLD, [row[:5] for row in rows])
                 conn.execute("COMMIT")
+                self._hit_cols = cols
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
         olds: list[str | None] = []
-        for key, _, _, _, blob in rows:  # in order: a key twice replaces its own earlier row
+        for key, _, _, _, blob, *_ in rows:  # in order: a key twice replaces its own earlier row
             old = current.get(key)
             current[key] = blob
             # The same row written again (a batch retried) must not report
@@ -565,8 +661,29 @@ class SQLiteStore(Store):
         return [] if rows == [("ok",)] else [r[0] for r in rows]
 
 
-#: A row of ``entries``: key, created, meta, inline value, side-file name.
-_Row = Tuple[str, float, str, Optional[bytes], Optional[str]]
+#: A row of ``entries``: key, created, meta, inline value, side-file name, then the hit columns.
+_Row = Tuple[str, float, str, Optional[bytes], Optional[str], Optional[str], Optional[int], Optional[float], int]
+
+
+def _has_hit_columns(conn: sqlite3.Connection) -> bool:
+    try:
+        names = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+    except sqlite3.DatabaseError:
+        return False
+    return all(name in names for name, _ in _HIT_COLUMNS)
+
+
+def _add_hit_columns(conn: sqlite3.Connection) -> bool:
+    """Add the hit columns inside the caller's write transaction; whether the table has them now."""
+    names = {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+    try:
+        for name, kind in _HIT_COLUMNS:
+            if name not in names:
+                conn.execute(f"ALTER TABLE entries ADD COLUMN {name} {kind}")
+    except sqlite3.OperationalError as e:  # e.g. a read-only schema: keep the old columns
+        logger.debug("entries of this store keep their old columns: %s", e)
+        return False
+    return True
 
 
 def _close_quietly(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,255 @@
+"""The short way of a hit (issue 15): what it reads, what it checks, and files made before it.
+
+A hit on the SQLite store reads the hit columns of one row (fingerprint
+digest, a CRC over key, awaitable flag and frame, duration) instead of
+parsing the metadata record; anything it cannot settle goes the full way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai2_kit.core.checkpoint import Checkpointer
+from ai2_kit.core.checkpoint._codec import meta_to_json
+from ai2_kit.core.checkpoint.stores import _sqlite
+from ai2_kit.core.checkpoint.stores._sqlite import APPLICATION_ID, SQLiteStore
+
+LOGGER = "ai2_kit.core.checkpoint"
+RUNS: list[Any] = []
+
+
+def step(x: Any, y: Any = 1, **options: Any) -> dict[str, Any]:
+    RUNS.append(x)
+    return want(x, y, **options)
+
+
+def want(x: Any, y: Any = 1, **options: Any) -> dict[str, Any]:
+    return {"x": x, "y": y, "options": options}
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    RUNS.clear()
+
+
+def _no_meta_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(text: Any) -> Any:
+        raise AssertionError("a hit parsed the metadata record")
+
+    monkeypatch.setattr(_sqlite, "meta_from_json", refuse)
+
+
+@pytest.mark.parametrize("stale", ["warn", "ignore"])
+def test_a_hit_reads_no_metadata_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stale: str) -> None:
+    path = tmp_path / "c.db"
+    with Checkpointer(path, stale=stale) as ck:
+        want = ck("k")(step)(3, options={"a": (1, 2.5, "s")})
+    with Checkpointer(path, stale=stale) as ck:
+        _no_meta_parsing(monkeypatch)
+        assert ck("k")(step)(3, options={"a": (1, 2.5, "s")}) == want
+    assert RUNS == [3]
+
+
+def test_a_changed_argument_still_warns_and_rerun_still_reruns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c.db"
+    with Checkpointer(path) as ck:
+        saved = ck("k")(step)(1)
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            assert ck("k")(step)(2) == saved
+        assert any("argument 'x' changed" in r.getMessage() for r in caplog.records)
+        assert ck("k", stale="rerun")(step)(2) == want(2)
+    assert RUNS == [1, 2]
+
+
+def test_kwargs_in_another_order_differ_in_digest_but_are_no_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Checkpointer(tmp_path / "c.db") as ck:
+        saved = ck("k")(step)(1, a=1, b=2)
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            assert ck("k")(step)(1, b=2, a=1) == saved
+    assert RUNS == [1]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _row(path: Path, key: str) -> dict[str, Any]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return dict(conn.execute("SELECT * FROM entries WHERE key=?", (key,)).fetchone())
+    finally:
+        conn.close()
+
+
+def _set(path: Path, key: str, **cols: Any) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for name, value in cols.items():
+            conn.execute(f"UPDATE entries SET {name}=? WHERE key=?", (value, key))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("damage", ["hcrc", "aw", "fpd", "dur-and-hcrc"])
+def test_damaged_hit_columns_go_the_full_way_and_return_the_right_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    path = tmp_path / "c.db"
+    with Checkpointer(path) as ck:
+        want = ck("k")(step)(5)
+    row = _row(path, "k")
+    assert row["hcrc"] is not None and row["fpd"] and row["aw"] == 0
+    if damage == "hcrc":
+        _set(path, "k", hcrc=row["hcrc"] ^ 4)
+    elif damage == "aw":
+        _set(path, "k", aw=1)  # would hand back an awaitable: the CRC covers the flag
+    elif damage == "fpd":
+        _set(path, "k", fpd="0" * 32)
+    else:
+        _set(path, "k", dur=-1.0, hcrc=None)
+    parsed: list[Any] = []
+    real = _sqlite.meta_from_json
+
+    def spy(text: Any) -> Any:
+        parsed.append(1)
+        return real(text)
+
+    monkeypatch.setattr(_sqlite, "meta_from_json", spy)
+    with Checkpointer(path) as ck:
+        got = ck("k")(step)(5)
+    assert got == want and not asyncio.iscoroutine(got)
+    assert RUNS == [5] and parsed  # the full way read the record
+
+
+def test_a_damaged_value_is_still_a_damaged_entry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "c.db"
+    with Checkpointer(path) as ck:
+        ck("k")(step)(5)
+    frame = bytearray(_row(path, "k")["value"])
+    frame[-3] ^= 0xFF
+    _set(path, "k", value=bytes(frame))
+    with Checkpointer(path) as ck, caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert ck("k")(step)(5) == want(5)
+    assert RUNS == [5, 5]
+    assert any("Running the step again" in r.getMessage() for r in caplog.records)
+
+
+def test_an_awaitable_entry_comes_back_as_an_awaitable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def value() -> int:
+        return 7
+
+    def plain_returning_awaitable() -> Any:
+        return value()
+
+    path = tmp_path / "c.db"
+    with Checkpointer(path) as ck:
+        assert asyncio.run(ck("k")(plain_returning_awaitable)()) == 7
+    with Checkpointer(path) as ck:
+        _no_meta_parsing(monkeypatch)
+        got = ck("k")(plain_returning_awaitable)()
+        assert asyncio.iscoroutine(got) or hasattr(got, "__await__")
+        assert asyncio.run(got) == 7
+
+
+_OLD_SCHEMA = """
+CREATE TABLE entries (key TEXT PRIMARY KEY NOT NULL, created REAL NOT NULL, meta TEXT NOT NULL,
+                      value BLOB, blob TEXT);
+CREATE INDEX entries_blob ON entries (blob) WHERE blob IS NOT NULL;
+CREATE TABLE store_info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
+CREATE TABLE claims (key TEXT PRIMARY KEY NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL);
+"""
+
+
+def _old_store(path: Path) -> None:
+    """A store as the library wrote it before the hit columns, holding entry 'old' = step(4)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.execute("PRAGMA user_version=1")
+    conn.executescript(_OLD_SCHEMA)
+    conn.close()
+    # The entry itself as this library encodes it, written through the old column list.
+    with SQLiteStore(str(tmp_copy := path.with_suffix(".tmp.db"))) as s:
+        s.put("old", want(4), fn_name="step")
+        row = _row(tmp_copy, "old")
+    meta = _sqlite.meta_from_json(row["meta"])
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("INSERT INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)",
+                 ("old", meta["created"], meta_to_json(meta), row["value"], None))
+    conn.close()
+    RUNS.clear()
+
+
+def _columns(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {r[1] for r in conn.execute("PRAGMA table_info(entries)")}
+    finally:
+        conn.close()
+
+
+def test_a_store_from_before_the_hit_columns_keeps_working(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    _old_store(path)
+    with Checkpointer(path, readonly=True) as ck:  # read-only: hits the full way, schema untouched
+        assert ck("old")(step)(4) == want(4)
+    assert "fpd" not in _columns(path)
+    with Checkpointer(path) as ck:
+        assert ck("old")(step)(4) == want(4)  # its row has no hit columns: the full way
+        assert "fpd" not in _columns(path)  # nothing written by a hit
+        ck("new")(step)(6)  # the first save adds the columns
+        assert {"fpd", "hcrc", "dur", "aw"} <= _columns(path)
+        assert ck("new")(step)(6) == want(6)
+        assert ck("old")(step)(4) == want(4)
+    assert RUNS == [6]
+    assert _row(path, "old")["hcrc"] is None  # the old row was left as it was
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_rows_written_by_an_older_library_after_the_columns_exist_go_the_full_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.db"
+    with Checkpointer(path) as ck:
+        ck("k")(step)(1)
+    row = _row(path, "k")
+    # What an older library does on a save: INSERT OR REPLACE naming its five columns.
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)",
+                 ("k", row["created"], row["meta"], row["value"], None))
+    conn.close()
+    assert _row(path, "k")["hcrc"] is None
+    with Checkpointer(path) as ck:
+        assert ck("k")(step)(1) == want(1)
+    assert RUNS == [1]
+
+
+def test_signed_stores_take_the_full_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.db"
+    with Checkpointer(path, signing_key=b"secret") as ck:
+        ck("k")(step)(1)
+    assert _row(path, "k")["hcrc"] is None
+    with Checkpointer(path, signing_key=b"secret") as ck:
+        assert ck("k")(step)(1) == want(1)
+    assert RUNS == [1]
+
+
+def test_an_entry_saved_without_fingerprints_is_any_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Saved with stale="ignore": no record to compare, so (as Checkpointer.accept
+    # says) any call may have it; the short way knows it from the row.
+    path = tmp_path / "c.db"
+    with Checkpointer(path, stale="ignore") as ck:
+        ck("k")(step)(1)
+    assert _row(path, "k")["fpd"] == "-"
+    with Checkpointer(path) as ck:
+        _no_meta_parsing(monkeypatch)
+        assert ck("k")(step)(2) == want(1)
+    assert RUNS == [1]
