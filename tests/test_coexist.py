@@ -48,7 +48,10 @@ REAL_WHEEL = "ai2_kit-1.1.1-py3-none-any.whl"
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("AI2_KIT_COEXIST_CACHE", REPO / ".coexist"))
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
-STAMP = f"{REAL} python{sys.version.split()[0]}\n"
+#: Our runtime dependencies that the real package does not bring: installed
+#: in the base environment too, so that ``pip check`` sees ours satisfied.
+OURS_ONLY = ["zlib-ng>=0.4"]
+STAMP = f"{REAL} {' '.join(OURS_ONLY)} python{sys.version.split()[0]}\n"
 
 SEED_LINES = [
     "ai2-kit tool checkpoint load ./path/to/checkpoint.pkl - ls",
@@ -231,7 +234,7 @@ def _site_packages(venv: Path) -> Path:
 
 
 def _base() -> Path:
-    """The cached environment holding the real package's dependencies (not the package)."""
+    """The cached environment holding the real package's dependencies and ours (not the packages)."""
     base = CACHE / "base"
     stamp = base / ".ready"
     if stamp.is_file() and stamp.read_text() == STAMP and (CACHE / REAL_WHEEL).is_file():
@@ -242,6 +245,7 @@ def _base() -> Path:
         [sys.executable, "-m", "venv", str(base)],
         [str(base / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", REAL],
         [str(base / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "ai2-kit"],
+        [str(base / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *OURS_ONLY],
         [str(base / "bin" / "python"), "-m", "pip", "download", "-q", "--no-deps", REAL, "-d", str(CACHE)],
     ]
     for argv in steps:

@@ -9,7 +9,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
-from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode
+from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode, settle_crc
 from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, SaveError, SignatureMismatchError
 from .._keys import key_matcher, prefix_of, validate_key
 from ._fs import HOST
@@ -112,6 +112,11 @@ class Store(ABC):
     #: Errors that mean "try again later" (a dropped connection), not damage:
     #: they propagate as they are instead of becoming CorruptEntryError.
     transient_errors: tuple[type[BaseException], ...] = ()
+    #: True for stores whose ``_put`` writes a big frame first and then calls
+    #: ``settle_crc(meta, encoded)`` before it serializes ``meta``: the checksum
+    #: is then computed while the frame is written (``Encoded.write_to``).
+    #: Other stores get ``meta`` with the checksum already in it.
+    checksum_while_writing: bool = False
 
     def __init__(self, location: str, *, readonly: bool = False, readonly_reason: str = "") -> None:
         self.location = location
@@ -268,14 +273,18 @@ class Store(ABC):
             raise SaveError(key, f"the value cannot be pickled ({type(e).__name__}: {e})") from e
         meta = self.make_meta(key, encoded, fields)
         if self.signer is not None:
+            settle_crc(meta, encoded)  # the MAC covers the checksum
             meta["mac"] = self.signer.sign(meta, encoded)
         self.put_encoded(key, meta, encoded)
+        settle_crc(meta, encoded)  # (already done by the store)
         return meta
 
     def put_encoded(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
         """Store an already encoded value with a complete metadata record."""
         if self.readonly:
             raise ReadOnlyStoreError(self.location, self.readonly_reason)
+        if not self.checksum_while_writing:
+            settle_crc(meta, encoded)
         try:
             self._put(key, meta, encoded)
         except _STORAGE_ERRORS as e:
@@ -288,7 +297,8 @@ class Store(ABC):
             "format": FORMAT_VERSION,
             "created": time.time(),
             "size": encoded.size,
-            "crc32": encoded.crc,
+            # None for a big frame: filled in while it is written (settle_crc).
+            "crc32": encoded.crc if encoded.crc_known else None,
             "host": HOST,
             "pid": os.getpid(),
             "version": library_version(),

@@ -13,7 +13,7 @@ import struct
 import time
 from typing import Any, Iterator
 
-from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, verifier_for, write_all
+from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, settle_crc, verifier_for, write_all
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Loader, Store, library_version
 from ._fs import (
@@ -133,6 +133,20 @@ def _is_regular(path: str) -> bool:
         return False
 
 
+def _rewrite_record(f: Any, meta: dict[str, Any], width: int) -> None:
+    """Write ``meta``'s record over the one of the same width at the head of the open entry ``f``."""
+    record = meta_to_json(meta).encode("utf-8")
+    if len(record) != width:  # only hex digits changed: cannot happen
+        raise RuntimeError(f"the metadata record changed width ({width} -> {len(record)} bytes)")
+    view = memoryview(record)
+    done = 0
+    while done < width:
+        n = os.pwrite(f.fileno(), view[done:], len(ENTRY_MAGIC) + _U32.size + done)
+        if n <= 0:
+            raise OSError(f"no progress writing {width - done} more bytes")
+        done += n
+
+
 def _is_our_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
@@ -158,6 +172,7 @@ class DirectoryStore(Store):
 
     kind = "directory"
     supports_claims = True
+    checksum_while_writing = True
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True, adopt: bool = False) -> None:
         path = os.path.abspath(os.fspath(path))
@@ -396,6 +411,13 @@ class DirectoryStore(Store):
         self._ensure_marker()
         final = self._path(key)
         parent = os.path.dirname(final)
+        late = meta.get("crc32") is None
+        if late:
+            # A big frame's checksum is computed while the frame is written
+            # (Encoded.write_to); the record goes before the frame, so it is
+            # written with a placeholder of the same width and rewritten in
+            # place once the checksum is known, before the fsync.
+            meta["crc32"] = "0" * 8
         meta_bytes = meta_to_json(meta).encode("utf-8")
         created: list[str] = []
         for attempt in range(5):
@@ -412,6 +434,10 @@ class DirectoryStore(Store):
                 with f:
                     write_all(f, memoryview(ENTRY_MAGIC + _U32.pack(len(meta_bytes)) + meta_bytes))
                     encoded.write_to(f)
+                    if late:
+                        meta["crc32"] = None
+                        settle_crc(meta, encoded)
+                        _rewrite_record(f, meta, len(meta_bytes))
                     os.fsync(f.fileno())
                 # Rename, not rewrite: a kill mid-write must leave the old entry.
                 os.replace(tmp, final)

@@ -14,7 +14,17 @@ import time
 import zlib
 from typing import Any, Iterator, Optional, Tuple
 
-from .._codec import FRAME_MAGIC, Encoded, Signer, decode_bytes, meta_from_json, meta_to_json, read_frame, verifier_for
+from .._codec import (
+    FRAME_MAGIC,
+    Encoded,
+    Signer,
+    decode_bytes,
+    meta_from_json,
+    meta_to_json,
+    read_frame,
+    settle_crc,
+    verifier_for,
+)
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
 from ._base import FORMAT_VERSION, MISSING, Loader, Store, library_version
 from ._conns import GroupCommit, ThreadConnections
@@ -144,6 +154,7 @@ class SQLiteStore(Store):
 
     kind = "sqlite"
     supports_claims = True
+    checksum_while_writing = True
 
     def __init__(
         self, path: str, *, readonly: bool = False, create: bool = True, journal: Optional[str] = None
@@ -437,6 +448,7 @@ class SQLiteStore(Store):
             blob = self._write_blob(encoded)
         else:
             value = encoded.to_bytes()
+        settle_crc(meta, encoded)  # a side file's checksum was computed while it was written
         fpd = meta.get("fpd") if meta.get("fingerprint") else ANY_CALL
         aw = 1 if meta.get("is_awaitable") else 0
         dur = meta.get("duration")
