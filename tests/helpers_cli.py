@@ -33,14 +33,15 @@ def _shared_fixtures() -> Path:
     """The reference design's real files (shared/fixtures/legacy, outside this repository).
 
     ``$AI2_KIT_SHARED_FIXTURES`` names the folder; otherwise ``shared/`` beside
-    the checkout (or beside the main checkout of a git worktree). Tests that
-    need them skip where they are absent.
+    the checkout (or beside the main checkout of a git worktree), or where
+    this project's machines keep it (``/work/shared``, for clean clones made
+    elsewhere, e.g. by CI). Tests that need them skip where they are absent.
     """
     given = os.environ.get("AI2_KIT_SHARED_FIXTURES")
     if given:
         return Path(given)
     repo = Path(__file__).resolve().parents[1]
-    for top in (repo.parent, repo.parent.parent):
+    for top in (repo.parent, repo.parent.parent, Path("/work")):
         candidate = top / "shared" / "fixtures" / "legacy"
         if candidate.is_dir():
             return candidate
