@@ -59,24 +59,10 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
-def make_array(mb: float) -> Any:
-    import numpy as np
-
-    return np.arange(int(mb * (1 << 20)) // 8, dtype=np.float64)
-
-
-def is_expected(value: Any, mb: float) -> bool:
-    """Compare with the saved array slice by slice (no second full copy)."""
-    import numpy as np
-
-    n = int(mb * (1 << 20)) // 8
-    if not isinstance(value, np.ndarray) or value.shape != (n,) or value.dtype != np.float64:
-        return False
-    step = 1 << 22
-    return all(
-        np.array_equal(value[s : s + step], np.arange(s, min(n, s + step), dtype=np.float64))
-        for s in range(0, n, step)
-    )
+# The array W4 of benchmarks/run.py saves, and its slice-by-slice check.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _worker import big_array as make_array  # noqa: E402
+from _worker import big_equal as is_expected  # noqa: E402
 
 
 def set_cache(root: str, warm: bool) -> None:
