@@ -156,3 +156,37 @@ def test_listing_while_removing_sees_each_entry_once(
         seen.append(meta["key"])
         store.delete(meta["key"])
     assert seen == keys and store.keys() == []
+
+
+def test_a_store_dropped_without_close_closes_its_connections(store_factory: Callable[..., Store]) -> None:
+    """No connection outlives its store: dropped unclosed, it closes them, those of ended threads too."""
+    import gc
+
+    if store_factory.kind == "directory":  # type: ignore[attr-defined]
+        pytest.skip("the directory store keeps no connections")
+    from ai2_kit.core.checkpoint.stores._postgres import PostgresStore
+
+    kind = PostgresStore if store_factory.kind == "postgres" else SQLiteStore  # type: ignore[attr-defined]
+    location, options = store_factory.location, store_factory.options  # type: ignore[attr-defined]
+    store_factory().put("a", 1)  # created (and closed by the fixture)
+    store = kind(location, **options)
+    worker = threading.Thread(target=store.lookup, args=("a",))  # run() drops its target when done
+    worker.start()
+    worker.join()
+    assert store.lookup("a") is not None
+    conns = store._conns.connections()
+    assert len(conns) == 2
+    unraisable: list[Any] = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        del store
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert unraisable == []  # psycopg warns about a connection collected while open
+    for conn in conns:
+        if kind is SQLiteStore:
+            with pytest.raises(Exception, match="closed"):
+                conn.execute("SELECT 1")
+        else:
+            assert conn.closed

@@ -197,6 +197,18 @@ class ThreadConnections(Generic[C]):
             self._closer(conn)
         _LIVE.discard(self)
 
+    def __del__(self) -> None:
+        # A store dropped without close(): its connections end with it, not at
+        # some later collection of each (psycopg warns then, and a server
+        # session stays open until it does). Not in a forked child: those
+        # connections are the parent's.
+        try:
+            if os.getpid() == self._pid:
+                for _, conn in self._all:
+                    self._closer(conn)
+        except Exception:  # interpreter shutdown: modules half torn down
+            pass
+
     # -- fork hooks -----------------------------------------------------------
     def _before_fork(self) -> bool:
         if not self._close_at_fork:
