@@ -59,27 +59,11 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
-# The array W4 of benchmarks/run.py saves, and its slice-by-slice check.
+# The array W4 of benchmarks/run.py saves, its slice-by-slice check, and the page-cache switch.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _worker import big_array as make_array  # noqa: E402
 from _worker import big_equal as is_expected  # noqa: E402
-
-
-def set_cache(root: str, warm: bool) -> None:
-    """Every file under ``root`` in the page cache (warm) or out of it (cold)."""
-    os.sync()
-    buf = bytearray(1 << 20)
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                if warm:
-                    while os.readv(fd, [buf]):
-                        pass
-                else:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+from _worker import set_cache  # noqa: E402
 
 
 def open_store(who: str, root: str) -> Any:

@@ -46,7 +46,6 @@ checkpointer is told so (``environment="stale"``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
@@ -58,7 +57,16 @@ from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from ._bind import _inputs, fingerprint_inputs
-from ._code import BYTECODE_TAG, CodePart, _is_user_file, _validity, code_part, fingerprint_code, legacy_code
+from ._code import (
+    BYTECODE_TAG,
+    CodePart,
+    _is_user_file,
+    _validity,
+    code_part,
+    fingerprint_code,
+    legacy_code,
+    unwrap_bound,
+)
 from ._walk import _INLINE_REPR, UnfingerprintableError, fingerprint_value
 
 __all__ = [
@@ -288,14 +296,7 @@ _BASES: weakref.WeakKeyDictionary[Any, Tuple[Tuple[int, ...], Dict[str, Any], by
 
 
 def _fn_name(fn: Any) -> str:
-    target = fn
-    for _ in range(8):
-        if isinstance(target, types.MethodType):
-            target = target.__func__
-        elif isinstance(target, functools.partial):
-            target = target.func
-        else:
-            break
+    target = unwrap_bound(fn)
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
     return str(name) if name else type(target).__qualname__
 

@@ -468,7 +468,8 @@ def _function_digest(fn: types.FunctionType, seen: set, legacy: bool = False) ->
         seen.discard(id(fn))
 
 
-def _callable_digest(fn: Any, seen: set, legacy: bool = False) -> bytes | None:
+def unwrap_bound(fn: Any) -> Any:
+    """The function under bound methods and ``functools.partial`` layers (at most 8)."""
     for _ in range(8):
         if isinstance(fn, types.MethodType):
             fn = fn.__func__
@@ -476,6 +477,11 @@ def _callable_digest(fn: Any, seen: set, legacy: bool = False) -> bytes | None:
             fn = fn.func
         else:
             break
+    return fn
+
+
+def _callable_digest(fn: Any, seen: set, legacy: bool = False) -> bytes | None:
+    fn = unwrap_bound(fn)
     if isinstance(fn, types.FunctionType):
         return _function_digest(fn, seen, legacy)
     if isinstance(fn, type):
