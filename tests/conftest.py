@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from typing import Any, Callable, Iterator
@@ -49,6 +50,26 @@ def open_kind(kind: str, location: str, options: dict[str, Any], **extra: Any) -
     from ai2_kit.core.checkpoint.stores._postgres import PostgresStore
 
     return PostgresStore(location, **options, **extra)
+
+
+@pytest.fixture
+def reap() -> Iterator[Callable[[list[subprocess.Popen[str]]], list[subprocess.Popen[str]]]]:
+    """``reap(procs)`` returns ``procs``, killed and waited for at the end of the test if still alive.
+
+    Without it a failed assertion left the other workers running, and their
+    pipes were collected open in a later test (under ``-W error``, as its failure).
+    """
+    started: list[subprocess.Popen[str]] = []
+
+    def register(procs: list[subprocess.Popen[str]]) -> list[subprocess.Popen[str]]:
+        started.extend(procs)
+        return procs
+
+    yield register
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 @pytest.fixture(params=STORE_KINDS)

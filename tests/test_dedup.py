@@ -59,9 +59,11 @@ def spawn(factory: Any, runs: Path, seconds: float, lease: float) -> subprocess.
     )
 
 
-def test_four_processes_one_slow_step_runs_once(store_factory: Callable[..., Store], tmp_path: Path) -> None:
+def test_four_processes_one_slow_step_runs_once(
+    store_factory: Callable[..., Store], tmp_path: Path, reap: Any
+) -> None:
     runs = tmp_path / "runs"
-    procs = [spawn(store_factory, runs, 2.0, 30) for _ in range(4)]
+    procs = reap([spawn(store_factory, runs, 2.0, 30) for _ in range(4)])
     values = set()
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -331,15 +331,15 @@ def test_copy_between_stores_keeps_metadata(tmp_path: Path) -> None:
 # -- load: many processes and threads on overlapping keys ---------------------
 
 
-def test_load_processes_and_threads_on_overlapping_keys(store_factory: Callable[..., Store]) -> None:
-    procs = [
+def test_load_processes_and_threads_on_overlapping_keys(store_factory: Callable[..., Store], reap: Any) -> None:
+    procs = reap([
         subprocess.Popen(
             [sys.executable, PROCS, "load", store_factory.kind, store_factory.location,  # type: ignore[attr-defined]
              json.dumps(store_factory.options), f"p{p}", str(LOAD_SECONDS), "20"],  # type: ignore[attr-defined]
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for p in range(8)
-    ]
+    ])
     total = 0
     for proc in procs:
         out, err = proc.communicate(timeout=LOAD_SECONDS + 300)

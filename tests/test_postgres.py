@@ -7,6 +7,7 @@ skipping the PostgreSQL store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -622,3 +623,91 @@ def test_failed_put_raises_save_error_and_leaves_the_store_usable(pg: Any, pg_ur
     assert "refused by the server" in str(info.value)
     pg.put("keep", "new")
     assert _value(pg, "keep") == "new" and pg.keys() == ["keep"]
+
+
+# -- lock order: saves batched together never deadlock ----------------------------------------------
+
+
+def _rows(pg_url: str, schema: str, *keys: str) -> list[tuple[str, float, str, bytes]]:
+    with _admin(pg_url) as conn:
+        found = {
+            key: (key, created, meta, bytes(value))
+            for key, created, meta, value in conn.execute(
+                f'SELECT key, created, meta, value FROM "{schema}".entries WHERE key = ANY(%s)', (list(keys),))
+        }
+    return [found[key] for key in keys]
+
+
+class _BatchInThread:
+    """``pg._write_rows(rows)`` (the group commit's transaction) in a thread of its own."""
+
+    def __init__(self, pg: Any, rows: list[Any]) -> None:
+        self.pid = 0
+        self.error: BaseException | None = None
+        self.done = False
+        started = threading.Event()
+
+        def run() -> None:
+            self.pid = pg._conn().info.backend_pid
+            started.set()
+            try:
+                pg._write_rows(rows)
+                self.done = True
+            except BaseException as e:  # reported by the test
+                self.error = e
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert started.wait(60)
+
+    def join(self) -> None:
+        self.thread.join(60)
+        assert self.done and self.error is None, self.error
+
+
+def _wait_for_lock_wait(pg_url: str, pid: int) -> None:
+    deadline = time.monotonic() + 60
+    with _admin(pg_url) as conn:
+        while conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone() != ("Lock",):
+            assert time.monotonic() < deadline, "the batch never waited for the row lock"
+            time.sleep(0.01)
+
+
+def test_a_batch_locks_its_keys_in_key_order(pg: Any, pg_url: str, schema: str) -> None:
+    # Two processes whose batches held the same keys in opposite orders
+    # deadlocked (seen in CI: DeadlockDetected on a save under load).
+    import psycopg
+
+    pg.put("d/a", 1)
+    pg.put("d/b", 2)
+    with psycopg.connect(pg_url) as other:
+        other.execute(f'UPDATE "{schema}".entries SET created = created WHERE key = %s', ("d/a",))
+        batch = _BatchInThread(pg, _rows(pg_url, schema, "d/b", "d/a"))  # arrival order: b first
+        _wait_for_lock_wait(pg_url, batch.pid)
+        # The batch waits for d/a holding nothing: d/b is free for the other side.
+        other.execute(f'SELECT 1 FROM "{schema}".entries WHERE key = %s FOR UPDATE NOWAIT', ("d/b",))
+        other.rollback()
+    batch.join()
+    assert _value(pg, "d/a") == 1 and _value(pg, "d/b") == 2
+
+
+def test_a_transaction_chosen_as_deadlock_victim_runs_again(pg: Any, pg_url: str, schema: str) -> None:
+    # A deadlock the key order cannot prevent (another writer locking rows in
+    # its own order): the server rolls our transaction back, and we run it again.
+    import psycopg
+
+    pg.put("v/a", 1)
+    pg.put("v/b", 2)
+    with psycopg.connect(pg_url) as other:
+        with contextlib.suppress(psycopg.errors.InsufficientPrivilege):
+            other.execute("SET deadlock_timeout = '30s'")  # let the batch's backend find the deadlock
+        other.commit()
+        other.execute(f'UPDATE "{schema}".entries SET created = created WHERE key = %s', ("v/b",))
+        batch = _BatchInThread(pg, _rows(pg_url, schema, "v/a", "v/b"))
+        _wait_for_lock_wait(pg_url, batch.pid)
+        with contextlib.suppress(psycopg.errors.DeadlockDetected):
+            other.execute(f'UPDATE "{schema}".entries SET created = created WHERE key = %s', ("v/a",))
+    batch.join()
+    assert _value(pg, "v/a") == 1 and _value(pg, "v/b") == 2

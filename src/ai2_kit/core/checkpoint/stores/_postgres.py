@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import struct
+import time
 from typing import Any, BinaryIO, Callable, Iterator, Tuple, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -49,6 +51,8 @@ CHUNK_SIZE = 8 << 20
 CONNECT_TIMEOUT_S = 10
 #: Rows fetched per query when listing (keyset pages: no long transaction).
 PAGE_SIZE = 1000
+#: Attempts of a transaction the server rolled back to break a deadlock.
+ROLLBACK_ATTEMPTS = 5
 
 T = TypeVar("T")
 #: A small entry waiting for its commit: key, created, metadata JSON, frame.
@@ -286,21 +290,32 @@ class PostgresStore(Store):
         self._conns.drop(conn)
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run ``fn(conn)``; once more on a new connection if the old one broke.
+        """Run ``fn(conn)``; once more on a new connection if the old one broke,
+        up to ``ROLLBACK_ATTEMPTS`` times if the server rolled it back.
 
         A server restart or an idle timeout must not end a workflow that runs
         for days. Every ``fn`` here is one transaction, or a read, so running
         it again is safe (a put rewrites the same entry).
         """
-        conn = self._conn()
-        try:
-            return fn(conn)
-        except psycopg.OperationalError:
-            if not conn.closed:
-                raise
-            logger.info("connection to %s lost; reconnecting", self.location)
-            self._drop(conn)
-            return fn(self._conn())
+        for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
+            conn = self._conn()
+            try:
+                return fn(conn)
+            except psycopg.OperationalError as e:
+                if (e.sqlstate or "").startswith("40") and not conn.closed and attempt < ROLLBACK_ATTEMPTS:
+                    # Class 40, a deadlock or a serialization failure: the
+                    # server rolled our transaction back whole, so running it
+                    # again is the remedy (after a short random pause, so the
+                    # two sides part ways).
+                    logger.debug("%s on %s; attempt %d", type(e).__name__, self.location, attempt + 1)
+                    time.sleep(random.uniform(0.005, 0.05) * attempt)
+                    continue
+                if not conn.closed:
+                    raise
+                logger.info("connection to %s lost; reconnecting", self.location)
+                self._drop(conn)
+                return fn(self._conn())
+        raise AssertionError("unreachable")
 
     def _close(self) -> None:
         self._conns.close_all()  # in a forked child: the parent's are left alone
@@ -499,7 +514,10 @@ class PostgresStore(Store):
             # remote server the network latency, not the server, would
             # otherwise set the pace.
             with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                for key, created, text, value in rows:
+                # In key order: two processes whose batches hold the same keys
+                # then lock them in the same order and cannot deadlock. The sort
+                # is stable, so of two saves of one key the later still wins.
+                for key, created, text, value in sorted(rows, key=lambda row: row[0]):
                     # The upsert first: it locks the key's row until commit, so a
                     # concurrent put of the same key waits here, and the DELETE
                     # below (a new snapshot) then sees the other put's chunks.
