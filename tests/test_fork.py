@@ -100,3 +100,43 @@ def test_fork_closes_the_parents_sqlite_connections_and_waits_for_writes(tmp_pat
         assert store.lookup("b") is not None and store.lookup("a") is not None
     finally:
         store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_childs_hits_count_in_its_own_run(tmp_path: Any) -> None:
+    """A hit counts on this process's run without a pid check: the fork hook gives the child its own."""
+    from ai2_kit.core.checkpoint import Checkpointer
+
+    def step(x: int) -> int:
+        return x * 2
+
+    ck = Checkpointer(tmp_path / "c.db")
+    try:
+        assert ck("k")(step)(1) == 2
+        assert ck("k")(step)(1) == 2  # a hit in the parent: its recorder exists before the fork
+        parent_run = ck.run.id
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.close(r)
+                for _ in range(3):
+                    ck("k")(step)(1)
+                child_run = ck.run.id
+                ck.close()  # flushes the child's run
+                os.write(w, child_run.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            child_run = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert status == 0 and child_run and child_run != parent_run
+        ck.run.flush()
+        runs = {rec["id"]: rec for rec in ck.store.iter_runs()}
+        assert runs[child_run]["hits"] == 3 and runs[child_run]["pid"] == pid
+        assert runs[parent_run]["hits"] == 1 and runs[parent_run]["steps_run"] == 1
+    finally:
+        ck.close()

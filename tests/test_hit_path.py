@@ -253,3 +253,188 @@ def test_an_entry_saved_without_fingerprints_is_any_calls(tmp_path: Path, monkey
         _no_meta_parsing(monkeypatch)
         assert ck("k")(step)(2) == want(1)
     assert RUNS == [1]
+
+
+# -- the short digest, the async small hit, the key check (issue 15, hit path) ------------
+
+
+def _entry_selects(conn: sqlite3.Connection, run: Any) -> list[str]:
+    """The statements on the entries table that ``run()`` made on ``conn``."""
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        run()
+    finally:
+        conn.set_trace_callback(None)
+    return [s for s in seen if "FROM entries" in s]
+
+
+@pytest.mark.parametrize("stale", ["warn", "ignore"])
+def test_an_async_small_hit_is_one_select(tmp_path: Path, stale: str) -> None:
+    # It used to read the metadata record first (for the size), then take the short way: two.
+    async def astep(x: int) -> dict[str, Any]:
+        RUNS.append(x)
+        return want(x)
+
+    with Checkpointer(tmp_path / "c.db", stale=stale) as ck:
+        wrapped = ck("k")(astep)
+        assert asyncio.run(wrapped(1)) == want(1)
+        conn = ck.store._conns.get()  # a small hit is read on the loop: this thread's connection
+
+        def hit() -> None:
+            assert asyncio.run(wrapped(1)) == want(1)
+
+        selects = _entry_selects(conn, hit)
+        assert len(selects) == 1, selects
+        assert RUNS == [1]
+        # A miss is settled by that one query too (the step then runs in its thread and saves).
+        other = ck("other")(astep)
+        assert len(_entry_selects(conn, lambda: asyncio.run(other(2)))) == 1
+    assert RUNS == [1, 2]
+
+
+def test_an_async_large_hit_is_read_in_a_thread_without_its_value_on_the_loop(tmp_path: Path) -> None:
+    from ai2_kit.core.checkpoint._checkpointer import INLINE_MAX_BYTES
+
+    big = b"x" * (INLINE_MAX_BYTES * 2)
+
+    async def astep(x: int) -> bytes:
+        RUNS.append(x)
+        return big
+
+    with Checkpointer(tmp_path / "c.db") as ck:
+        wrapped = ck("k")(astep)
+        assert asyncio.run(wrapped(1)) == big
+        conn = ck.store._conns.get()
+        seen: list[str] = []
+
+        def hit() -> None:
+            assert asyncio.run(wrapped(1)) == big
+
+        seen = _entry_selects(conn, hit)
+        # On the loop: one query, which did not read the value (the thread reads it on its own connection).
+        assert len(seen) == 1 and "length(value)" in seen[0], seen
+    assert RUNS == [1]
+
+
+def test_an_async_hit_of_a_changed_call_still_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def astep(x: int) -> dict[str, Any]:
+        RUNS.append(x)
+        return want(x)
+
+    with Checkpointer(tmp_path / "c.db") as ck:
+        saved = asyncio.run(ck("k")(astep)(1))
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            assert asyncio.run(ck("k")(astep)(2)) == saved
+    assert any("argument 'x' changed" in r.getMessage() for r in caplog.records)
+    assert RUNS == [1]
+
+
+def _plain(a: Any, b: Any = 2.5, *rest: Any, c: Any = None) -> None:
+    pass
+
+
+def _two(a: Any, b: Any) -> None:
+    pass
+
+
+def _closure() -> Any:
+    cell = [1]
+
+    def inner(x: Any) -> Any:
+        return cell, x
+
+    return inner
+
+
+@pytest.mark.parametrize("fn, args", [
+    (_two, (1, "s")), (_two, (True, None)), (_two, (-7, 1e300)), (_two, (0.0, -0.0)),
+    (_plain, (1,)), (_plain, (1, 2)), (_plain, (1, 2, 3, 4)), (_plain, ("x" * 20, 2)),
+    (_closure(), (5,)), (step, (3,)),
+])
+def test_the_short_digest_is_the_records_digest(fn: Any, args: tuple) -> None:
+    from ai2_kit.core.checkpoint._fingerprint import fingerprint, hit_digest
+
+    fingerprint(fn, args, {})  # the first call caches the function's parts, as a first save does
+    got = hit_digest(fn, args, {})
+    assert got is not None
+    assert got == fingerprint(fn, args, {}).digest
+
+
+@pytest.mark.parametrize("fn, args, kwargs", [
+    (_two, (1, [1]), {}),  # a list: the canonical walk
+    (_two, (1, "x" * 100), {}),  # a long string: a digest, not its repr
+    (_two, (1,), {"b": 2}),  # keywords: the full way
+    (_two, (1,), {}),  # a call that does not fit the signature
+    (_two, (1, 2 ** 80), {}),
+])
+def test_the_short_digest_leaves_the_rest_to_the_full_way(fn: Any, args: tuple, kwargs: dict) -> None:
+    from ai2_kit.core.checkpoint._fingerprint import fingerprint, hit_digest
+
+    fingerprint(fn, args, kwargs)
+    assert hit_digest(fn, args, kwargs) is None
+
+
+def test_the_short_digest_follows_changed_defaults() -> None:
+    from ai2_kit.core.checkpoint._fingerprint import fingerprint, hit_digest
+
+    def f(x: Any, y: Any = 1) -> None:
+        pass
+
+    fingerprint(f, (1,), {})
+    before = hit_digest(f, (1,), {})
+    f.__defaults__ = (2,)
+    assert hit_digest(f, (1,), {}) is None  # the cached parts are no longer valid: the full way
+    after = fingerprint(f, (1,), {}).digest
+    assert after != before and hit_digest(f, (1,), {}) == after
+
+
+def test_a_changed_default_argument_still_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def f(x: Any, y: Any = 1) -> Any:
+        RUNS.append(x)
+        return x
+
+    with Checkpointer(tmp_path / "c.db") as ck:
+        ck("k")(f)(1)
+        ck("k")(f)(1)  # a hit the short way
+        f.__defaults__ = (2,)
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            ck("k")(f)(1)
+    assert any("argument 'y' changed" in r.getMessage() for r in caplog.records)
+    assert RUNS == [1]
+
+
+@pytest.mark.parametrize("key", [
+    "a", "step/000001", "a.b/c-d_e", ".hidden/x", "x/.y", "a/..b", "A9/_/-", "a" * 1024, "a" * 1025,
+    ".", "..", "a/./b", "a/../b", "/a", "a/", "a//b", "", "a\nb", "a\x00b", "é/ü", "a b", "a\\b", "\ud800",
+    "é" * 600, "a/" * 10 + "b", "-", "_", "a.", "a..",
+])
+def test_the_quick_key_check_agrees_with_the_rules(key: str) -> None:
+    from ai2_kit.core.checkpoint._errors import InvalidKeyError
+    from ai2_kit.core.checkpoint._keys import _validate, validate_key
+
+    try:
+        _validate(key)
+        ok = True
+    except InvalidKeyError:
+        ok = False
+    if ok:
+        assert validate_key(key) == key
+    else:
+        with pytest.raises(InvalidKeyError):
+            validate_key(key)
+
+
+def test_a_wrapper_of_a_wrapper_keeps_its_own_key_store_and_policy(tmp_path: Path) -> None:
+    # A wrapper copies the wrapped object's __dict__ (as functools.wraps does); another
+    # wrapper's fields must not come along (most of them are class defaults now).
+    with Checkpointer(tmp_path / "a.db") as a, Checkpointer(tmp_path / "b.db") as b:
+        inner = a("inner", stale="rerun")(step)
+        outer = b("outer")(inner)
+        assert outer(5) == want(5)
+        assert "outer" in b.store and "inner" not in b.store
+        assert "inner" in a.store and "outer" not in a.store
+        assert repr(outer).endswith("key='outer'>")
+        assert outer._ck_stale is None and outer._ck_bound is b and inner._ck_stale == "rerun"
+        assert outer(5) == want(5)
+    assert RUNS == [5]

@@ -31,18 +31,18 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, NamedTuple, Optional, TypeVar, Union
+import zlib
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, NamedTuple, Optional, TypeVar, Union, overload
 
 import cloudpickle  # at import, not lazily: a fork during a lazy import can deadlock a child
 
 from ._errors import CheckpointError, CorruptEntryError, SaveError
-from ._fingerprint import check_environment_policy, explain, fingerprint, judge
+from ._fingerprint import check_environment_policy, explain, fingerprint, hit_digest, judge
 from ._keys import validate_key
 from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
-from .stores._base import MISSING
+from .stores._base import LARGE, MISSING
 from .stores._fs import HOST
-from .stores._sqlite import key_crc
 
 # At run time too, so that typing.get_type_hints() finds P (the real
 # ai2-kit's tooling and documentation generators call it); the facade
@@ -616,8 +616,8 @@ class Checkpointer:
         return True, hit.value, hit.meta
 
     def lookup_call(
-        self, key: str, digest: Optional[str], kcrc: Optional[int]
-    ) -> tuple[bool, Any, dict[str, Any], bool]:
+        self, key: str, digest: Optional[str], kcrc: Optional[int], limit: Optional[int] = None
+    ) -> Any:
         """The look-up of a call: (found, value, meta, settled).
 
         ``settled``: found with the call's fingerprint digest ``digest`` (any,
@@ -625,25 +625,38 @@ class Checkpointer:
         (``Store.lookup_fast``: one SELECT, one CRC, one digest compared, one
         ``loads``) when the store has one and ``kcrc`` (``key_crc(key)``) is
         given; whatever it cannot settle (a digest that differs: maybe stale)
-        goes the full way, ``lookup``, which also reports any damage.
+        goes the full way, ``lookup``, which also reports any damage. With
+        ``limit``: None when the short way found the entry larger than
+        ``limit`` bytes (or in a side file), and the full way is not taken.
         """
         if kcrc is not None:
             try:
-                fast = self.store.lookup_fast(key, digest, kcrc)
+                fast = self.store.lookup_fast(key, digest, kcrc, limit)
             except Exception as e:  # the full way says what it is
                 logger.debug("short look-up of checkpoint %s failed: %s", key, e)
                 fast = None
             if fast is MISSING:
                 return False, None, {}, True
             if fast is not None:
+                if fast is LARGE:
+                    return None
                 return True, fast[0], {"key": key, "duration": fast[1], "is_awaitable": fast[2]}, True
+        if limit is not None:
+            return False, None, {}, False  # the caller checks the size before the full way
         found, value, meta = self.lookup(key)
         return found, value, meta, False
 
     def log_hit(self, key: str, meta: dict[str, Any]) -> None:
         """The one INFO line a returned hit gets (and the run's count of hits)."""
         dur = meta.get("duration")
-        self.run.hit(dur)
+        # No getpid() here (a system call, a tenth of a hit's Python time): a
+        # forked child's hook drops the parent's recorder (_after_fork_in_child).
+        rec = self._run
+        if rec is None:
+            rec = self.run
+        rec.hit(dur)
+        if not logger.isEnabledFor(logging.INFO):
+            return
         if dur is None:
             logger.info("Hit checkpoint: %s", key)
         else:
@@ -1118,6 +1131,19 @@ class CheckpointedFunction:
     """
 
     __wrapped__: Callable[..., Any]
+    _ck_key: Key
+    _ck_k: Optional[str]
+    _ck_bound: Optional[Checkpointer]
+    _ck_name: str
+    # What most wrappers have: set on one only when it differs.
+    #: The start of the string key's hit CRC, once worked out.
+    _ck_kcrc: Optional[int] = None
+    _ck_disable: bool = False
+    _ck_stale: Optional[str] = None
+    _ck_default: Optional[Callable[[], Optional[Checkpointer]]] = None
+    _ck_spec: Optional[StoreSpec] = None
+    _ck_received: bool = False
+    _ck_coro: bool = False
 
     def __init__(
         self,
@@ -1133,10 +1159,10 @@ class CheckpointedFunction:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"apply_checkpoint(...) must wrap a callable, not {type(fn).__name__}")
-        if not isinstance(key, str) and not callable(key):
-            raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
         if isinstance(key, str):
             validate_key(key)  # fail at decoration time, before any step runs
+        elif not callable(key):
+            raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
         if stale is not None:
             _check_policy(stale)
         attrs, name, coro = _fn_state(fn)
@@ -1144,22 +1170,33 @@ class CheckpointedFunction:
         d = self.__dict__
         d.update(attrs)
         fn_dict = getattr(fn, "__dict__", None)
+        d["__wrapped__"] = fn
+        d["_ck_key"] = key
+        d["_ck_k"] = key if isinstance(key, str) else None  # the key when it is a string (checked above)
+        d["_ck_bound"] = ckpt
+        d["_ck_name"] = name
         if fn_dict:
             d.update(fn_dict)
-        d["__wrapped__"] = fn
-        self._ck_key = key
-        #: The key when it is a string (checked above), and the start of its hit CRC.
-        self._ck_k: Optional[str] = key if isinstance(key, str) else None
-        self._ck_kcrc: Optional[int] = None
-        self._ck_disable = disable
-        self._ck_stale = stale
-        self._ck_bound = ckpt
-        self._ck_default = default
-        self._ck_spec = spec
-        self._ck_received = received
-        self._ck_name = name
-        self._ck_coro = coro
-        if self._ck_coro:
+            d["__wrapped__"] = fn
+            # Another wrapper's fields (a CheckpointedFunction wrapped again) must not leak into ours.
+            d.update(_ck_key=key, _ck_k=key if isinstance(key, str) else None, _ck_bound=ckpt, _ck_name=name,
+                     _ck_kcrc=None, _ck_disable=disable, _ck_stale=stale, _ck_default=default, _ck_spec=spec,
+                     _ck_received=received, _ck_coro=coro)
+        else:
+            # The rest only when not the class's default: workflows make a wrapper per call.
+            if disable:
+                d["_ck_disable"] = disable
+            if stale is not None:
+                d["_ck_stale"] = stale
+            if default is not None:
+                d["_ck_default"] = default
+            if spec is not None:
+                d["_ck_spec"] = spec
+            if received:
+                d["_ck_received"] = received
+            if coro:
+                d["_ck_coro"] = coro
+        if coro:
             _mark_coroutine_function(self, fn)
 
     # -- looking like the function ------------------------------------------------
@@ -1211,6 +1248,11 @@ class CheckpointedFunction:
 
     def _acquire(self) -> Optional[Checkpointer]:
         """The checkpointer for a call, counted as in flight on it (None: just run)."""
+        ckpt = self._ck_bound
+        if ckpt is not None and not self._ck_disable:  # the common case, without _resolve
+            if ckpt._enter():
+                return ckpt
+            raise CheckpointError(f"{ckpt!r} is closed; create a new Checkpointer to go on")
         for _ in range(100):
             ckpt = self._resolve()
             if ckpt is None or ckpt._enter():
@@ -1234,22 +1276,61 @@ class CheckpointedFunction:
                 out["fpd"] = digest  # what later hits compare first (see Store.lookup_fast)
         return out
 
-    def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict) -> tuple[Any, ...]:
-        """Look ``k`` up and judge staleness: (found, value, meta, fingerprint, rejected)."""
+    @overload
+    def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict,
+                 limit: None = None) -> tuple[Any, ...]: ...
+
+    @overload
+    def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict,
+                 limit: int) -> Optional[tuple[Any, ...]]: ...
+
+    def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict,
+                 limit: Optional[int] = None) -> Optional[tuple[Any, ...]]:
+        """Look ``k`` up and judge staleness: (found, value, meta, fingerprint, rejected).
+
+        A hit whose digest matches needs no fingerprint record (only its
+        digest, ``hit_digest``, when it can be had the short way): the record
+        is built when the entry is missing (the save keeps it) or differs
+        (``accept`` compares it). With ``limit`` (a read on the event loop):
+        None when the entry is larger than ``limit`` bytes or in a side file
+        (read it in a thread instead).
+        """
         policy = self._ck_stale or ckpt.stale
         fn = self.__wrapped__  # type: ignore[attr-defined]
-        fp = None if policy == "ignore" else ckpt.fingerprint(fn, args, kwargs)
-        digest = None if fp is None else getattr(fp, "digest", None)
+        fp = None
+        if policy == "ignore":
+            digest = None
+        else:
+            digest = hit_digest(fn, args, kwargs)
+            if digest is None:
+                fp = ckpt.fingerprint(fn, args, kwargs)
+                digest = None if fp is None else getattr(fp, "digest", None)
         kcrc = None
         if fp is None or digest is not None:  # else: a record without its digest, judged in full
             kcrc = self._ck_kcrc
             if kcrc is None or k is not self._ck_k:
-                kcrc = key_crc(k)
+                kcrc = zlib.crc32(k.encode("utf-8", "surrogatepass"))  # key_crc(k), written out
                 if k is self._ck_k:
                     self._ck_kcrc = kcrc
-        found, value, meta, settled = ckpt.lookup_call(k, digest, kcrc)
+        if limit is None:
+            found, value, meta, settled = ckpt.lookup_call(k, digest, kcrc)
+        else:
+            got = ckpt.lookup_call(k, digest, kcrc, limit)
+            if got is None:
+                return None
+            found, value, meta, settled = got
+        if fp is None and digest is not None and not (settled and found):
+            # Missing (the save records the call) or maybe stale (judged on the record).
+            fp = ckpt.fingerprint(fn, args, kwargs)
         if settled:
             return found, value, meta, fp, None
+        if limit is not None:  # the short way could not tell the size (a store without it)
+            head = ckpt.store.get_meta(k)
+            if head is None:
+                return False, None, {}, fp, None
+            size = head.get("size")
+            if not isinstance(size, int) or size > limit:
+                return None
         found, value, meta = ckpt.lookup(k)
         rejected = None
         if found and fp is not None and not ckpt.accept(k, meta, fp, policy):
@@ -1354,15 +1435,7 @@ class CheckpointedFunction:
         """
         t0 = time.perf_counter()
         try:
-            meta = ckpt.store.get_meta(k)
-            if meta is None:
-                policy = self._ck_stale or ckpt.stale
-                fp = None if policy == "ignore" else ckpt.fingerprint(self.__wrapped__, args, kwargs)
-                return False, None, {}, fp, None
-            size = meta.get("size")
-            if not isinstance(size, int) or size > INLINE_MAX_BYTES:
-                return None
-            return self._prepare(ckpt, k, args, kwargs)
+            return self._prepare(ckpt, k, args, kwargs, INLINE_MAX_BYTES)
         except Exception:  # whatever it was, the thread path reports it properly
             return None
         finally:
@@ -1510,6 +1583,7 @@ def _after_fork_in_child() -> None:
     for ckpt in list(_live):
         ckpt._lock = threading.Lock()
         ckpt._inflight = 0  # the calls of the parent's other threads do not exist here
+        ckpt._run = None  # the child's run is its own (log_hit counts on it without a pid check)
         if not ckpt.closing:
             _registry.add(ckpt)
 

@@ -26,8 +26,18 @@ def validate_key(key: object) -> str:
     'iters-000/deepmd/red'
     """
     if type(key) is str:
+        if len(key) <= MAX_KEY_BYTES and _PLAIN(key) is not None:
+            return key  # the common shape, valid by construction (a workflow's keys are new each call)
         return _validate_str(key)  # cached: a call checks its key several times
     return _validate(key)
+
+
+#: Keys that pass every rule of ``_validate`` on sight: ASCII letters, digits,
+#: ``_-.``, parts joined by ``/``, no part starting with a dot (so none is
+#: "." or ".."), at most MAX_KEY_BYTES characters (one byte each). Checking
+#: one regular expression costs a third of the rules, and far less than
+#: the cache of ``_validate_str`` misses cost.
+_PLAIN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*").fullmatch
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -53,10 +53,10 @@ import shlex
 import sys
 import types
 import weakref
-from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
-from ._bind import _inputs, fingerprint_inputs
+from ._bind import _LAYOUTS, _bind_function, _BindError, _inputs, fingerprint_inputs
 from ._code import (
     BYTECODE_TAG,
     CodePart,
@@ -67,7 +67,7 @@ from ._code import (
     legacy_code,
     unwrap_bound,
 )
-from ._walk import _INLINE_REPR, UnfingerprintableError, fingerprint_value
+from ._walk import _INLINE_REPR, UnfingerprintableError, _inline, fingerprint_value
 
 __all__ = [
     "FORMAT_VERSION",
@@ -76,6 +76,7 @@ __all__ = [
     "Verdict",
     "fingerprint",
     "call_digest",
+    "hit_digest",
     "fingerprint_inputs",
     "fingerprint_code",
     "fingerprint_value",
@@ -334,6 +335,49 @@ def fingerprint(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
     rec.legacy_args = legacy_args
     rec.digest = call_digest(static, inputs)
     return rec
+
+
+def hit_digest(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
+    """``fingerprint(fn, args, kwargs).digest`` without building the record, or None.
+
+    What a hit compares (``call_digest``), the short way: for a plain
+    function whose record parts are cached and valid (``_BASES``), called
+    without keywords, with arguments that are all kept as their ``repr``
+    (short ints, strings, floats, booleans, None). The same rules as
+    ``fingerprint`` (``_validity``, ``_bind_function``, ``_inline``,
+    ``call_digest``) give the same digest; anything else answers None, and
+    the caller fingerprints in full. Never raises.
+    """
+    if kwargs or type(fn) is not types.FunctionType:
+        return None
+    try:
+        if "__wrapped__" in fn.__dict__:
+            return None
+        got = _BASES.get(fn)
+        if got is None:
+            return None
+        # _validity([fn]), written out for the common function without a closure.
+        valid = (id(fn.__defaults__), id(fn.__kwdefaults__)) if fn.__closure__ is None else _validity([fn])
+        if got[0] != valid:
+            return None
+        lay = _LAYOUTS.get(fn.__code__)
+        if lay is not None and len(args) == len(lay.pos) and not lay.kwonly:
+            names: Any = lay.pos  # every parameter passed by position: _bind_function's answer
+            values: Any = args
+        else:
+            bound = _bind_function(fn, args, kwargs)
+            names, values = bound.keys(), bound.values()
+        digests: Dict[str, str] = {}
+        for name, value in zip(names, values):
+            r = _inline(value)
+            if r is None:
+                return None  # the canonical walk's business (and its cases: unhashable, legacy)
+            digests[name] = r
+        return call_digest(got[2], {"args": digests, "unhashable": {}})
+    except _BindError:
+        return None  # named arg0, arg1...: fingerprint does that
+    except Exception:  # never let a staleness check break a workflow: the full way decides
+        return None
 
 
 class Verdict(NamedTuple):

@@ -14,7 +14,7 @@ from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, S
 from .._keys import key_matcher, prefix_of, validate_key
 from ._fs import HOST
 
-__all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "library_version"]
+__all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "LARGE", "library_version"]
 
 #: Version of the on-disk formats written by this library (metadata record,
 #: frame layout, SQLite schema, directory layout).
@@ -48,6 +48,9 @@ def library_version() -> str:
 
 #: What ``Store.lookup_fast`` answers when the key has no entry.
 MISSING: Any = object()
+#: What ``Store.lookup_fast`` answers, when given a ``limit``, for an entry
+#: larger than that (or in a side file): the value was not read.
+LARGE: Any = object()
 
 
 class Hit(NamedTuple):
@@ -188,15 +191,17 @@ class Store(ABC):
                 close()
         return Hit(meta, value)
 
-    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int) -> Any:
+    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int, limit: Optional[int] = None) -> Any:
         """A hit's short way, for engines that keep what a hit needs apart from the metadata.
 
         ``(value, duration, is_awaitable)`` when the entry is there, intact,
         and saved for a call whose fingerprint digest is ``digest`` (any,
-        when None); ``MISSING`` when there is no entry; None when the engine
-        cannot tell that way (the caller then uses ``lookup``, which reads,
-        checks and compares the whole record). ``key`` is valid already.
-        The default always answers None.
+        when None); ``MISSING`` when there is no entry; ``LARGE`` (only with
+        a ``limit``) when its value is over ``limit`` bytes or in a side
+        file, left unread; None when the engine cannot tell that way (the
+        caller then uses ``lookup``, which reads, checks and compares the
+        whole record). ``key`` is valid already. The default always answers
+        None.
         """
         return None
 

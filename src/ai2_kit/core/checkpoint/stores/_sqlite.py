@@ -26,7 +26,7 @@ from .._codec import (
     verifier_for,
 )
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
-from ._base import FORMAT_VERSION, MISSING, Loader, Store, library_version
+from ._base import FORMAT_VERSION, LARGE, MISSING, Loader, Store, library_version
 from ._conns import GroupCommit, ThreadConnections
 from ._fs import (
     HOST,
@@ -111,11 +111,21 @@ _INSERT = ("INSERT OR REPLACE INTO entries (key, created, meta, value, blob, fpd
 _INSERT_OLD = "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)"
 # The digest is compared by SQLite, on the row the key's index found; no
 # row is a miss, settled by this one query (a miss runs a step and saves).
-_FAST_SELECT = "SELECT value, hcrc, aw, dur, fpd IS ? OR fpd = '-' FROM entries WHERE key=?"
+# The third column is ``hcrc * 2 + aw`` when the digest matches and the
+# flag is sane, else NULL (the full way): fewer columns to convert, and
+# converting them is a good part of a hit's query.
+_FAST_SELECT = ("SELECT value, dur, CASE WHEN (fpd IS ? OR fpd = '-') AND aw IN (0, 1) THEN hcrc * 2 + aw END "
+                "FROM entries WHERE key=?")
 #: ``fpd`` of an entry saved without fingerprints (stale="ignore", a migrated
 #: reference entry): any call may have it, as ``Checkpointer.accept`` says.
 ANY_CALL = "-"
-_FAST_SELECT_ANY = "SELECT value, hcrc, aw, dur, 1 FROM entries WHERE key=?"
+_FAST_SELECT_ANY = "SELECT value, dur, CASE WHEN aw IN (0, 1) THEN hcrc * 2 + aw END FROM entries WHERE key=?"
+#: The same for a read on the event loop: the value only up to a size (``lookup_fast(limit=)``).
+_SMALL_SELECT = ("SELECT CASE WHEN length(value) <= ? THEN value END, dur, "
+                 "CASE WHEN (fpd IS ? OR fpd = '-') AND aw IN (0, 1) THEN hcrc * 2 + aw END, "
+                 "length(value) FROM entries WHERE key=?")
+_SMALL_SELECT_ANY = ("SELECT CASE WHEN length(value) <= ? THEN value END, dur, "
+                     "CASE WHEN aw IN (0, 1) THEN hcrc * 2 + aw END, length(value) FROM entries WHERE key=?")
 _FAST_HEAD = FRAME_MAGIC + b"\x01\x00\x00\x00"  # one part: no out-of-band buffers
 _LEN = struct.Struct("<Q").unpack_from
 
@@ -134,6 +144,21 @@ def hit_crc(kcrc: int, aw: int, frame: Any) -> int:
     only makes a fresh entry look different: the full way then judges it.)
     """
     return zlib.crc32(frame, kcrc if aw == 0 else zlib.crc32(b"\x01", kcrc))
+
+
+def _fast_value(row: Any, kcrc: int) -> Any:
+    """What ``lookup_fast`` answers for the row it read (see there)."""
+    frame, dur, code = row[0], row[1], row[2]
+    # Saved for another call (maybe stale: the full way judges it), before
+    # the columns, with a side file, or damaged: the full way.
+    if type(code) is not int or type(frame) is not bytes:
+        return None
+    # Checked before anything is unpickled (hit_crc, written out).
+    if zlib.crc32(frame, zlib.crc32(b"\x01", kcrc) if code & 1 else kcrc) != code >> 1:
+        return None
+    if not frame.startswith(_FAST_HEAD) or len(frame) < 16 or _LEN(frame, 8)[0] + 16 != len(frame):
+        return None
+    return pickle.loads(memoryview(frame)[16:]), dur, code & 1 == 1
 
 
 class SQLiteStore(Store):
@@ -373,8 +398,9 @@ class SQLiteStore(Store):
         logger.debug("%s: %r kept changing while being read; treated as missing", self.path, key)
         return None
 
-    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int) -> Any:
-        """A hit's short way: ``(value, duration, is_awaitable)``, ``MISSING``, or None (go the full way).
+    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int, limit: Optional[int] = None) -> Any:
+        """A hit's short way: ``(value, duration, is_awaitable)``, ``MISSING``, None (go the full way), or
+        ``LARGE`` (with ``limit``: a value over ``limit`` bytes or in a side file, not read).
 
         ``key`` must be valid already and ``kcrc`` be ``key_crc(key)``. One
         indexed SELECT of the hit columns, one CRC over key, digest, flag and
@@ -386,28 +412,37 @@ class SQLiteStore(Store):
         """
         if not self._hit_cols or self.signer is not None or self.closed:
             return None
-        conns = self._conns
-        gate = conns.gate
-        depth = gate.enter()
-        try:
-            if digest is None:
-                row = conns.get().execute(_FAST_SELECT_ANY, (key,)).fetchone()
-            else:
-                row = conns.get().execute(_FAST_SELECT, (digest, key)).fetchone()
-        finally:
-            gate.leave(depth)
+        if limit is not None:
+            return self._lookup_small(key, digest, kcrc, limit)
+        if digest is None:
+            row = self._conns.fetchone(_FAST_SELECT_ANY, (key,))
+        else:
+            row = self._conns.fetchone(_FAST_SELECT, (digest, key))
         if row is None:
             return MISSING
-        frame, hcrc, aw, dur, same = row
-        # Saved for another call (maybe stale: the full way judges it), before
-        # the columns, with a side file, or damaged: the full way.
-        if not same or hcrc is None or type(frame) is not bytes or (aw != 0 and aw != 1):
+        # _fast_value, written out (a hit's path).
+        frame, dur, code = row
+        if type(code) is not int or type(frame) is not bytes:
             return None
-        if zlib.crc32(frame, kcrc if aw == 0 else zlib.crc32(b"\x01", kcrc)) != hcrc:
+        if zlib.crc32(frame, zlib.crc32(b"\x01", kcrc) if code & 1 else kcrc) != code >> 1:
             return None
         if not frame.startswith(_FAST_HEAD) or len(frame) < 16 or _LEN(frame, 8)[0] + 16 != len(frame):
             return None
-        return pickle.loads(memoryview(frame)[16:]), dur, aw == 1
+        return pickle.loads(memoryview(frame)[16:]), dur, code & 1 == 1
+
+    def _lookup_small(self, key: str, digest: Optional[str], kcrc: int, limit: int) -> Any:
+        # The value is read only when it is small (SQLite gets a blob's length
+        # from the record header): a large one is left to a thread.
+        if digest is None:
+            row = self._conns.fetchone(_SMALL_SELECT_ANY, (limit, key))
+        else:
+            row = self._conns.fetchone(_SMALL_SELECT, (limit, digest, key))
+        if row is None:
+            return MISSING
+        size = row[3]
+        if row[0] is None and (size is None or size > limit):
+            return LARGE
+        return _fast_value(row, kcrc)
 
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         with self._session() as conn:
