@@ -438,3 +438,28 @@ def test_a_wrapper_of_a_wrapper_keeps_its_own_key_store_and_policy(tmp_path: Pat
         assert outer._ck_stale is None and outer._ck_bound is b and inner._ck_stale == "rerun"
         assert outer(5) == want(5)
     assert RUNS == [5]
+
+
+@pytest.mark.parametrize("case", ["side file", "digest differs"])
+def test_a_hit_the_short_way_cannot_settle_is_read_once(tmp_path: Path, case: str) -> None:
+    # The full way was taken twice: every value in a side file, and every
+    # entry whose digest differed, was read and unpickled two times (a 512 MB
+    # array held twice in memory).
+    big = case == "side file"
+
+    def value_of(x: int) -> Any:
+        return b"x" * (_sqlite.INLINE_MAX + 1) if big else want(x)
+
+    def stepped(x: int) -> Any:
+        RUNS.append(x)
+        return value_of(x)
+
+    with Checkpointer(tmp_path / "c.db", stale="ignore" if big else "warn") as ck:
+        assert ck("k")(stepped)(1) == value_of(1)
+        call = ck("k")(stepped)
+        arg = 1 if big else 2  # another argument: a digest that differs, judged on the record
+        conn = ck.store._conns.get()
+        got: list[Any] = []
+        selects = _entry_selects(conn, lambda: got.append(call(arg)))
+        assert got == [value_of(1)] and RUNS == [1]
+        assert len([s for s in selects if "SELECT" in s]) == 2, selects  # the short way, then the full way

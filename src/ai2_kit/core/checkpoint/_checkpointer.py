@@ -1331,7 +1331,9 @@ class CheckpointedFunction:
             size = head.get("size")
             if not isinstance(size, int) or size > limit:
                 return None
-        found, value, meta = ckpt.lookup(k)
+            found, value, meta = ckpt.lookup(k)
+        # else lookup_call took the full way already: reading it again would
+        # unpickle the value twice (a big array's memory doubled).
         rejected = None
         if found and fp is not None and not ckpt.accept(k, meta, fp, policy):
             found, rejected = False, meta.get("created", 0)
