@@ -8,6 +8,7 @@ allocator of one contender from helping or hurting another, and makes
 
 Workloads:
   W1     save N small steps (~1 KB each) into an empty store under TMPDIR
+  W1pair W1 for ours (SQLite) and the durable floor, one call of each in turn
   W2     open the store W1 left and call the same N steps again (all hits)
   W3build  write 200 (or N) arrays of M MB, untimed set-up for W3
   W3     list the W3 store (keys and metadata), never needing the values
@@ -393,6 +394,34 @@ def w1_save(c: Contender, n: int, budget: float) -> dict[str, Any]:
             "block": block, "blocks": blocks(times, block), "runs": RUNS[0]}
 
 
+def w1_pair(root: str, n: int) -> dict[str, Any]:
+    """W1 for ours (SQLite) and the durable floor in one process, one call of each in turn.
+
+    The cost of an fsync drifts with whatever else the disk is doing; two
+    runs made a minute apart can differ by 2x on their own. Alternating the
+    two call by call (which goes first alternating too) puts both under the
+    same conditions, so their ratio is the overhead alone.
+    """
+    os.sync()
+    ours, floor = Ours(os.path.join(root, "ours")), SqliteFloor(os.path.join(root, "floor"))
+    for c in (ours, floor):
+        os.makedirs(c.root, exist_ok=True)
+    calls = (ours.open(small_step), floor.open(small_step))
+    times: tuple[list[float], list[float]] = ([], [])
+    clock = time.perf_counter
+    for i in range(n):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = clock()
+            calls[j](i)
+            times[j].append(clock() - t0)
+    ours.close()
+    floor.close()
+    a, b = summary(times[0]), summary(times[1])
+    return {"done": n, "runs": RUNS[0], "ours_mean_us": a["mean_us"], "ours_median_us": a["median_us"],
+            "floor_mean_us": b["mean_us"], "floor_median_us": b["median_us"],
+            "x_floor_mean": a["mean_us"] / b["mean_us"], "x_floor_median": a["median_us"] / b["median_us"]}
+
+
 def w2_resume(c: Contender, n: int, budget: float) -> dict[str, Any]:
     clock = time.perf_counter
     read0 = bytes_read()
@@ -572,12 +601,14 @@ def main(argv: list[str]) -> dict[str, Any]:
         import_for(a.contender)
     base = {"contender": a.contender, "workload": wl, "n": a.n, "baseline_rss_mb": peak_rss_mb(),
             "loadavg": os.getloadavg()[0]}
-    if wl in ("W1", "W4save"):
+    if wl in ("W1", "W1pair", "W4save"):
         base["fsync_us"] = fsync_probe(a.tmpdir)
     if wl == "rss":
         res: dict[str, Any] = {}
     elif wl == "W1":
         res = w1_save(CONTENDERS[a.contender](a.tmpdir), a.n, a.budget)
+    elif wl == "W1pair":
+        res = w1_pair(a.tmpdir, a.n)
     elif wl == "W2":
         res = w2_resume(CONTENDERS[a.contender](a.tmpdir), a.n, a.budget)
     elif wl == "W3build":

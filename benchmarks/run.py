@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,9 +62,53 @@ def run_worker(contender: str, workload: str, n: int, tmp: str, *, budget: float
             rec = {"contender": contender, "workload": workload, "n": n,
                    "error": f"exit {proc.returncode}: {tail[:400]}"}
     rec["wall_s"] = time.perf_counter() - t0
-    brief = {k: rec[k] for k in ("mean_us", "open_ms", "ls_ms", "save_s", "load_s", "error", "stopped_at")
-             if rec.get(k) is not None}
+    brief = {k: rec[k] for k in ("mean_us", "x_floor_mean", "open_ms", "ls_ms", "save_s", "load_s", "error",
+                                 "stopped_at") if rec.get(k) is not None}
     log(f"  {workload:8s} {contender:14s} n={n:<7d} {rec['wall_s']:6.1f}s {_short(brief)}")
+    return rec
+
+
+def merge_rounds(by_round: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One W1 record per contender from its rounds: medians, and ratios paired by round.
+
+    An fsync's cost drifts by 2x over minutes on a shared disk, so a ratio of
+    two runs made minutes apart says little: ``x_floor_rounds`` divides each
+    round's mean by the durable floor's mean *of the same round* (measured
+    just before or after), and ``x_floor`` is the median of those.
+    """
+    floor = by_round.get("floor_full", [])
+    out = []
+    for recs in by_round.values():
+        good = [r for r in recs if "error" not in r and not r.get("stopped_at")]
+        if len(recs) == 1 or not good:
+            out.append(recs[0])
+            continue
+        rec = dict(good[0])
+        for field in ("mean_us", "median_us", "total_s"):
+            rec[field] = statistics.median(r[field] for r in good)
+        rec["rounds_mean_us"] = [r["mean_us"] for r in good]
+        rec["rounds_median_us"] = [r["median_us"] for r in good]
+        pairs = [r["mean_us"] / f["mean_us"] for r, f in zip(recs, floor)
+                 if "error" not in r and "error" not in f and not r.get("stopped_at")]
+        if pairs:
+            rec["x_floor_rounds"] = pairs
+            rec["x_floor"] = statistics.median(pairs)
+        out.append(rec)
+    return out
+
+
+def merge_pairs(pairs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """One W1pair record from its rounds: the medians of each round's ratios."""
+    good = [r for r in pairs if "error" not in r]
+    if not good:
+        return pairs[0]
+    rec = dict(good[0])
+    for field in ("x_floor_mean", "x_floor_median", "ours_mean_us", "floor_mean_us", "ours_median_us",
+                  "floor_median_us"):
+        rec[field] = statistics.median(r[field] for r in good)
+    rec["rounds_x_floor_mean"] = [r["x_floor_mean"] for r in good]
+    rec["rounds_x_floor_median"] = [r["x_floor_median"] for r in good]
+    rec["n"] = n
     return rec
 
 
@@ -101,22 +146,37 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
         capped: dict[str, int] = {}
         if only & {"W1", "W2"}:
             for n in sizes:
-                log(f"W1/W2 n={n}")
-                for c in small:
-                    if c in capped:
-                        records.append({"contender": c, "workload": "W1", "n": n, "skipped":
-                                        f"stopped at {capped[c]} for a smaller n"})
-                        continue
-                    tmp = os.path.join(base_tmp, f"{c}-{n}")
-                    budget = a.budget if c in SLOW else max(a.budget, 900.0)
-                    rec = run_worker(c, "W1", n, tmp, budget=budget)  # W2 resumes its store
-                    records.append(rec)
-                    done = 0 if "error" in rec else rec.get("stopped_at") or n
-                    if rec.get("stopped_at"):
-                        capped[c] = rec["stopped_at"]
-                    if "W2" in only and done:
-                        records.append(run_worker(c, "W2", done, tmp, budget=budget))
-                    shutil.rmtree(tmp, ignore_errors=True)
+                log(f"W1/W2 n={n}" + (f", {a.rounds} rounds" if a.rounds > 1 else ""))
+                by_round: dict[str, list[dict[str, Any]]] = {}
+                for rnd in range(a.rounds):
+                    # Rounds alternate the order, so that a contender is not always
+                    # measured right after the same other one; W2 runs once.
+                    order = small if rnd % 2 == 0 else small[::-1]
+                    for c in order:
+                        if c in capped:
+                            if rnd == 0:
+                                records.append({"contender": c, "workload": "W1", "n": n, "skipped":
+                                                f"stopped at {capped[c]} for a smaller n"})
+                            continue
+                        tmp = os.path.join(base_tmp, f"{c}-{n}")
+                        budget = a.budget if c in SLOW else max(a.budget, 900.0)
+                        rec = run_worker(c, "W1", n, tmp, budget=budget)  # W2 resumes its store
+                        by_round.setdefault(c, []).append(rec)
+                        done = 0 if "error" in rec else rec.get("stopped_at") or n
+                        if rec.get("stopped_at"):
+                            capped[c] = rec["stopped_at"]
+                        if "W2" in only and done and rnd == 0:
+                            records.append(run_worker(c, "W2", done, tmp, budget=budget))
+                        shutil.rmtree(tmp, ignore_errors=True)
+                records += merge_rounds(by_round)
+                if "sqlite" in small and "floor_full" in small:
+                    # The save goal's figure: ours and the floor call by call in one process.
+                    pairs = []
+                    for _ in range(a.rounds):
+                        tmp = os.path.join(base_tmp, f"pair-{n}")
+                        pairs.append(run_worker("sqlite", "W1pair", n, tmp, budget=max(a.budget, 900.0)))
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    records.append(merge_pairs(pairs, n))
         if "W3" in only:
             log(f"W3 ls of {a.w3_n} x {a.w3_mb} MB")
             for c in small:
@@ -166,6 +226,7 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
             "w3": [a.w3_n, a.w3_mb],
             "w4_mb": a.w4_mb,
             "w4_repeat": a.repeat,
+            "w1_rounds": a.rounds,
             "tmp": a.tmp or tempfile.gettempdir(),
             "total_s": time.perf_counter() - started,
         },
@@ -179,6 +240,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", help="comma-separated workloads, e.g. W1,W4 (default: all)")
     p.add_argument("--contenders", help=f"comma-separated subset of {','.join(dict.fromkeys(SMALL + BIG))}")
     p.add_argument("--sizes", help="W1/W2 entry counts (default 1000,10000,100000)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="W1 rounds over the contenders, order alternating; medians kept, and each "
+                        "contender's ratio to the durable floor paired by round (default 1)")
     p.add_argument("--budget", type=float,
                    help=f"seconds per size before {'/'.join(sorted(SLOW))} stop (default 45)")
     p.add_argument("--w3-n", type=int, help="W3 entries (default 200)")

@@ -115,3 +115,34 @@ def test_only_our_folder_is_shipped() -> None:
     # Namespace packages here: no __init__.py of ours that the real one would fight over.
     # (The wheel's file list is checked in test_coexist.py.)
     assert getattr(ai2_kit, "__file__", None) is None and getattr(ai2_kit.core, "__file__", None) is None
+
+
+def test_version_constant_matches_pyproject() -> None:
+    # The constant saves the first save of a process an importlib.metadata
+    # scan; it must follow pyproject.toml's version when that is bumped.
+    import re
+
+    from ai2_kit.core.checkpoint._version import VERSION
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), encoding="utf-8") as f:
+        declared = re.search(r'^version = "([^"]+)"', f.read(), re.M)
+    assert declared is not None and declared.group(1) == VERSION
+
+
+def test_first_save_does_not_read_distribution_metadata(tmp_path: Path) -> None:
+    # importlib.metadata (~26 ms to import and scan sys.path) was on the path of
+    # every process's first save, a tenth of saving a 512 MB array.
+    code = (
+        "import sys\n"
+        "from ai2_kit.core.checkpoint import Checkpointer\n"
+        "def step(x):\n"
+        "    return {'x': x}\n"
+        f"ck = Checkpointer({str(tmp_path / 'c.db')!r})\n"
+        "assert ck('k')(step)(1) == {'x': 1}\n"
+        "assert ck('k')(step)(1) == {'x': 1}\n"
+        "ck.close()\n"
+        "assert 'importlib.metadata' not in sys.modules, 'importlib.metadata imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -300,3 +300,45 @@ def test_benchmark_runs(tmp_path: Any) -> None:
                            "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "| SQLite, 4 threads (group commit) |" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_lone_caller_writes_directly_and_hands_over_to_who_came_meanwhile() -> None:
+    """A lone caller writes without queueing; callers arriving during its write are written after it."""
+    from ai2_kit.core.checkpoint.stores._conns import GroupCommit
+
+    gate = threading.Event()
+    written: list[list[int]] = []
+
+    def write(items: list[int]) -> list[int]:
+        if items == [0]:
+            gate.wait(30)
+        written.append(items)
+        return [i * 10 for i in items]
+
+    commit: GroupCommit[int, int] = GroupCommit(write)
+    assert commit.submit(7) == 70 and written == [[7]]  # alone: written at once
+    lone, lone_res = run_threads([lambda: commit.submit(0)])
+    wait_for(lambda: commit._busy, "the lone writer")
+    later, later_res = run_threads([lambda: commit.submit(1), lambda: commit.submit(2)])
+    wait_for(lambda: len(commit._queue) == 2, "two callers queued behind it")
+    gate.set()
+    for t in lone + later:
+        t.join(30)
+    assert lone_res == [0] and sorted(later_res) == [10, 20]
+    assert written[:2] == [[7], [0]] and sorted(sum(written[2:], [])) == [1, 2]
+    assert not commit._busy and commit._queue == []
+
+
+def test_lone_caller_error_reaches_it_and_leaves_the_queue_idle() -> None:
+    from ai2_kit.core.checkpoint.stores._conns import GroupCommit
+
+    def write(items: list[int]) -> list[int]:
+        if items == [1]:
+            raise ValueError("bad item")
+        return items
+
+    commit: GroupCommit[int, int] = GroupCommit(write)
+    with pytest.raises(ValueError, match="bad item"):
+        commit.submit(1)
+    assert not commit._busy and commit.submit(2) == 2 and commit.batches == 2

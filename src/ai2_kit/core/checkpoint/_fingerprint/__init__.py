@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shlex
 import sys
 import types
@@ -145,13 +146,86 @@ def _top_to_dists() -> Dict[str, List[str]]:
 
 def _dist_version(dist: str) -> str | None:
     if dist not in _DIST_VERSIONS:
-        import importlib.metadata as md
+        found = _scan_version(dist)
+        if found is _UNSURE:
+            import importlib.metadata as md
 
-        try:
-            _DIST_VERSIONS[dist] = md.version(dist)
-        except Exception:
-            _DIST_VERSIONS[dist] = None
+            try:
+                found = md.version(dist)
+            except Exception:
+                found = None
+        _DIST_VERSIONS[dist] = found  # type: ignore[assignment]
     return _DIST_VERSIONS[dist]
+
+
+#: What ``_scan_version`` answers when only importlib.metadata can tell.
+_UNSURE: Any = object()
+_LISTINGS: Dict[str, Tuple[str, ...]] = {}
+_NAME_RUNS = re.compile(r"[-_.]+")
+
+
+def _scan_version(dist: str) -> Any:
+    """``importlib.metadata.version(dist)`` without importing it (~26 ms on a first save), or ``_UNSURE``.
+
+    The same search as importlib.metadata's (Python 3.10 to 3.13) for plain
+    folders on ``sys.path``:
+    the first folder holding a ``NAME-*.dist-info`` or ``NAME-*.egg-info``
+    folder whose normalized name is the distribution's, and the ``Version``
+    header of its ``METADATA`` (or ``PKG-INFO``). Anything else (a zip on
+    the path, a finder of distributions other than the standard one, two
+    candidates in one folder, a header it does not read the same way)
+    answers ``_UNSURE``, and importlib.metadata decides.
+    """
+    if sys.version_info < (3, 10) or any(
+        getattr(f, "find_distributions", None) is not None and getattr(f, "__name__", "") != "PathFinder"
+        for f in sys.meta_path
+    ):
+        return _UNSURE
+    want = _NAME_RUNS.sub("_", dist).lower()
+    for entry in sys.path:
+        root = entry or "."
+        if os.path.basename(str(root)).lower().endswith(".egg"):
+            return _UNSURE  # an egg's metadata is found by other rules
+        names = _LISTINGS.get(root)
+        if names is None:
+            if not os.path.isdir(root):
+                if os.path.exists(root):
+                    return _UNSURE  # a zip file or another kind of path entry
+                continue
+            try:
+                names = tuple(os.listdir(root))
+            except OSError:
+                return _UNSURE
+            _LISTINGS[root] = names
+        hits = [n for n in names if n.lower().endswith((".dist-info", ".egg-info"))
+                and _NAME_RUNS.sub("_", n.lower().rpartition(".")[0].partition("-")[0]) == want]
+        if not hits:
+            continue
+        if len(hits) > 1:
+            return _UNSURE
+        return _version_header(os.path.join(root, hits[0]))
+    return None
+
+
+def _version_header(info: str) -> Any:
+    for name in ("METADATA", "PKG-INFO"):
+        try:
+            with open(os.path.join(info, name), encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return _UNSURE
+        for i, line in enumerate(lines):
+            if not line.strip():
+                break  # the end of the headers
+            if line[:8].lower() == "version:":
+                nxt = lines[i + 1] if i + 1 < len(lines) else ""
+                if nxt[:1] in (" ", "\t") or "\r" in line:
+                    return _UNSURE  # a folded or odd header: the email parser's business
+                return line[8:].lstrip(" \t")
+        return _UNSURE
+    return _UNSURE
 
 
 # Import names whose distribution is named otherwise, tried before reading

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
 import time
@@ -12,6 +11,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode, settle_crc
 from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, SaveError, SignatureMismatchError
 from .._keys import key_matcher, prefix_of, validate_key
+from .._version import VERSION
 from ._fs import HOST
 
 __all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "LARGE", "library_version"]
@@ -24,26 +24,16 @@ FORMAT_VERSION = 1
 _STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
 
 
-@functools.cache
 def library_version() -> str:
     """This distribution's version, as recorded in the stores it writes.
 
-    Read from the installed distribution's metadata rather than from
-    ``ai2_kit.__version__``: ``ai2_kit`` is a namespace shared with the real
-    ai2-kit package, whose ``__init__.py`` (when installed) is not ours.
-    Looked up on first use and kept: the lookup scans ``sys.path`` (~10 ms),
-    which importing the package should not pay.
+    Not ``ai2_kit.__version__``: ``ai2_kit`` is a namespace shared with the
+    real ai2-kit package, whose ``__init__.py`` (when installed) is not ours.
+    A constant (``_version.py``), not a metadata lookup: that imports
+    ``importlib.metadata`` and scans ``sys.path`` (~26 ms), which the first
+    save of every process would pay.
     """
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("ai2-kit-checkpoint")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"  # imported from a source tree that was never installed
-
-
-
-
+    return VERSION
 
 
 #: What ``Store.lookup_fast`` answers when the key has no entry.
