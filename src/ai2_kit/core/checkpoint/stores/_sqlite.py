@@ -153,8 +153,8 @@ def _fast_value(row: Any, kcrc: int) -> Any:
     # the columns, with a side file, or damaged: the full way.
     if type(code) is not int or type(frame) is not bytes:
         return None
-    # Checked before anything is unpickled (hit_crc, written out).
-    if zlib.crc32(frame, zlib.crc32(b"\x01", kcrc) if code & 1 else kcrc) != code >> 1:
+    # Checked before anything is unpickled.
+    if hit_crc(kcrc, code & 1, frame) != code >> 1:
         return None
     if not frame.startswith(_FAST_HEAD) or len(frame) < 16 or _LEN(frame, 8)[0] + 16 != len(frame):
         return None
@@ -441,15 +441,7 @@ class SQLiteStore(Store):
             row = self._conns.fetchone(_FAST_SELECT, (digest, key))
         if row is None:
             return MISSING
-        # _fast_value, written out (a hit's path).
-        frame, dur, code = row
-        if type(code) is not int or type(frame) is not bytes:
-            return None
-        if zlib.crc32(frame, zlib.crc32(b"\x01", kcrc) if code & 1 else kcrc) != code >> 1:
-            return None
-        if not frame.startswith(_FAST_HEAD) or len(frame) < 16 or _LEN(frame, 8)[0] + 16 != len(frame):
-            return None
-        return pickle.loads(memoryview(frame)[16:]), dur, code & 1 == 1
+        return _fast_value(row, kcrc)
 
     def _lookup_small(self, key: str, digest: Optional[str], kcrc: int, limit: int) -> Any:
         # The value is read only when it is small (SQLite gets a blob's length
