@@ -31,7 +31,6 @@ import threading
 import time
 import types
 import weakref
-import zlib
 from typing import Any, Awaitable, Callable, Coroutine, Mapping, NamedTuple, Optional, TypeVar, Union, overload
 
 import cloudpickle  # at import, not lazily: a fork during a lazy import can deadlock a child
@@ -43,6 +42,7 @@ from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
 from .stores._base import LARGE, MISSING
 from .stores._fs import HOST
+from .stores._sqlite import key_crc
 
 # At run time too, so that typing.get_type_hints() finds P (the real
 # ai2-kit's tooling and documentation generators call it); the facade
@@ -1248,11 +1248,6 @@ class CheckpointedFunction:
 
     def _acquire(self) -> Optional[Checkpointer]:
         """The checkpointer for a call, counted as in flight on it (None: just run)."""
-        ckpt = self._ck_bound
-        if ckpt is not None and not self._ck_disable:  # the common case, without _resolve
-            if ckpt._enter():
-                return ckpt
-            raise CheckpointError(f"{ckpt!r} is closed; create a new Checkpointer to go on")
         for _ in range(100):
             ckpt = self._resolve()
             if ckpt is None or ckpt._enter():
@@ -1309,7 +1304,7 @@ class CheckpointedFunction:
         if fp is None or digest is not None:  # else: a record without its digest, judged in full
             kcrc = self._ck_kcrc
             if kcrc is None or k is not self._ck_k:
-                kcrc = zlib.crc32(k.encode("utf-8", "surrogatepass"))  # key_crc(k), written out
+                kcrc = key_crc(k)
                 if k is self._ck_k:
                     self._ck_kcrc = kcrc
         if limit is None:
