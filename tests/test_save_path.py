@@ -91,7 +91,32 @@ def test_sequential_saves_commit_once_each_and_store_the_same_frames(tmp_path: P
         assert pickle.loads(frame[16:]) == step(i)
 
 
-def test_distribution_versions_read_as_importlib_metadata_reads_them() -> None:
+@pytest.fixture
+def standard_finders(request: pytest.FixtureRequest) -> bool:
+    """True when the test ran (and passed) in a fresh interpreter: an earlier test changed how
+    distributions are found here.
+
+    Importing dask imports the importlib_metadata backport, which removes the
+    standard finder's ``find_distributions`` for the rest of the process:
+    ``_scan_version`` then rightly leaves every answer to importlib.metadata.
+    """
+    from importlib.machinery import PathFinder
+
+    if getattr(PathFinder, "find_distributions", None) is not None:
+        return False
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+        capture_output=True, text=True, timeout=300, cwd=request.config.rootpath,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return True
+
+
+def test_distribution_versions_read_as_importlib_metadata_reads_them(standard_finders: bool) -> None:
+    if standard_finders:
+        return  # ran in a fresh interpreter
     import importlib.metadata as md
 
     from ai2_kit.core.checkpoint._fingerprint import _UNSURE, _scan_version
@@ -111,8 +136,11 @@ def test_distribution_versions_read_as_importlib_metadata_reads_them() -> None:
         md.version("no-such-distribution-x")
 
 
-def test_odd_distribution_folders_are_left_to_importlib_metadata(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_odd_distribution_folders_are_left_to_importlib_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, standard_finders: bool
+) -> None:
+    if standard_finders:
+        return  # ran in a fresh interpreter
     import importlib.metadata as md
 
     from ai2_kit.core.checkpoint._fingerprint import _UNSURE, _scan_version
@@ -135,6 +163,40 @@ def test_odd_distribution_folders_are_left_to_importlib_metadata(tmp_path: Path,
     (egg / "EGG-INFO").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(egg))
     assert _scan_version("plain-pkg") is _UNSURE  # an egg on the path: importlib.metadata's rules
+
+
+class _OtherFinder:
+    """A finder of distributions besides the standard one (as the importlib_metadata backport adds)."""
+
+    def find_spec(self, *args: Any) -> None:
+        return None
+
+    def find_distributions(self, *args: Any) -> list[Any]:
+        return []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="importlib.metadata always decides before 3.10")
+def test_other_finders_of_distributions_decide_by_their_order(
+    monkeypatch: pytest.MonkeyPatch, standard_finders: bool
+) -> None:
+    if standard_finders:
+        return  # ran in a fresh interpreter
+    # A finder after the standard one decides only what the standard one
+    # does not find (importlib.metadata takes the first answer).
+    import importlib.metadata as md
+
+    from ai2_kit.core.checkpoint._fingerprint import _UNSURE, _scan_version
+
+    plain = [f for f in sys.meta_path if getattr(f, "find_distributions", None) is None or
+             getattr(f, "__name__", "") == "PathFinder"]
+    monkeypatch.setattr(sys, "meta_path", [*plain, _OtherFinder()])
+    assert _scan_version("numpy") == md.version("numpy")  # the standard finder answers first
+    assert _scan_version("no-such-distribution-x") is _UNSURE  # the later finder might know it
+    monkeypatch.setattr(sys, "meta_path", [_OtherFinder(), *plain])
+    assert _scan_version("numpy") is _UNSURE  # asked first: its answer would win
+    monkeypatch.setattr(sys, "meta_path", plain)
+    assert _scan_version("numpy") == md.version("numpy")
+    assert _scan_version("no-such-distribution-x") is None
 
 
 @pytest.mark.skipif(sys.version_info < (3, 10), reason="importlib.metadata always decides before 3.10")

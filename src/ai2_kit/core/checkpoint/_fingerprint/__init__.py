@@ -172,15 +172,19 @@ def _scan_version(dist: str) -> Any:
     the first folder holding a ``NAME-*.dist-info`` or ``NAME-*.egg-info``
     folder whose normalized name is the distribution's, and the ``Version``
     header of its ``METADATA`` (or ``PKG-INFO``). Anything else (a zip on
-    the path, a finder of distributions other than the standard one, two
+    the path, a finder of distributions asked before the standard one, two
     candidates in one folder, a header it does not read the same way)
-    answers ``_UNSURE``, and importlib.metadata decides.
+    answers ``_UNSURE``, and importlib.metadata decides. Finders asked after
+    the standard one (the ``importlib_metadata`` backport's, which importing
+    dask installs) matter only when the standard one finds nothing: the
+    first answer wins.
     """
-    if sys.version_info < (3, 10) or any(
-        getattr(f, "find_distributions", None) is not None and getattr(f, "__name__", "") != "PathFinder"
-        for f in sys.meta_path
-    ):
+    if sys.version_info < (3, 10):
         return _UNSURE
+    finders = [f for f in sys.meta_path if getattr(f, "find_distributions", None) is not None]
+    if not finders or getattr(finders[0], "__name__", "") != "PathFinder":
+        return _UNSURE
+    missing = None if len(finders) == 1 else _UNSURE  # what a later finder might still find
     want = _NAME_RUNS.sub("_", dist).lower()
     for entry in sys.path:
         root = entry or "."
@@ -204,7 +208,7 @@ def _scan_version(dist: str) -> Any:
         if len(hits) > 1:
             return _UNSURE
         return _version_header(os.path.join(root, hits[0]))
-    return None
+    return missing
 
 
 def _version_header(info: str) -> Any:
