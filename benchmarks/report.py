@@ -524,12 +524,17 @@ KEPT_START = "<!-- kept:"
 KEPT_END = "<!-- /kept -->"
 
 
-def kept_sections(md: str) -> str:
+def _page(md: str) -> str:
+    """The page as it is now ("" before its first run)."""
     try:
         with open(md, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         return ""
+
+
+def kept_sections(md: str) -> str:
+    text = _page(md)
     out = []
     while KEPT_START in text:
         start = text.index(KEPT_START)
@@ -547,11 +552,7 @@ SECTIONS = (("## W3 ", {"W3", "W3build"}), ("## W4 ", {"W4save", "W4load", "W4wa
 
 def earlier_sections(md: str, workloads: set[str]) -> str:
     """The sections of ``md`` for the workloads this run did not measure, marked as such."""
-    try:
-        with open(md, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return ""
+    text = _page(md)
     out = []
     for head, wls in SECTIONS:
         if workloads & wls or head not in text:
