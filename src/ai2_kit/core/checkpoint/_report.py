@@ -15,7 +15,6 @@ thousand shapes per lane whatever the store's size.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import html
 import math
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from ._ops import format_duration, format_size
-from .stores._fs import temp_name
+from .stores._fs import replace_file
 
 __all__ = ["render_report", "write_report", "Step", "steps_from_metas", "lane_of"]
 
@@ -411,11 +410,4 @@ def write_report(
 ) -> None:
     """Render the page and write it to ``out`` whole or not at all (temp file, then rename)."""
     page = render_report(location, metas, runs)
-    tmp = temp_name(os.path.abspath(out))
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    replace_file(os.path.abspath(out), page.encode("utf-8"), durable=False)

@@ -26,6 +26,7 @@ from ._fs import (
     make_dirs,
     open_regular,
     read_head,
+    replace_file,
     temp_name,
 )
 from ._inert import HEAD_BYTES, inert_load, is_reference_record_head
@@ -392,17 +393,8 @@ class DirectoryStore(Store):
             return
         marker = os.path.join(self.root, MARKER)
         if not os.path.lexists(marker):
-            tmp = temp_name(marker)
-            try:
-                with open(tmp, "x", encoding="utf-8") as f:
-                    json.dump({"format": FORMAT_VERSION, "created_by": library_version()}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, marker)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            record = {"format": FORMAT_VERSION, "created_by": library_version()}
+            replace_file(marker, json.dumps(record).encode("utf-8"), durable=True)
             fsync_dir(self.root)
         self._marker_ok = True
         self.layout = "current"
@@ -624,16 +616,8 @@ class DirectoryStore(Store):
         self._ensure_marker()
         folder = os.path.join(self.root, RUNS)
         os.makedirs(folder, exist_ok=True)
-        final = os.path.join(folder, run_id + ".json")
-        tmp = temp_name(final)
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record, f)
-            # No fsync: a run record is a report; one lost to a power cut costs nothing.
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        # No fsync: a run record is a report; one lost to a power cut costs nothing.
+        replace_file(os.path.join(folder, run_id + ".json"), json.dumps(record).encode("utf-8"), durable=False)
 
     def _iter_runs(self) -> Iterator[dict[str, Any]]:
         folder = os.path.join(self.root, RUNS)

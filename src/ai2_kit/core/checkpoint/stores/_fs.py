@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -11,7 +12,7 @@ import time
 from typing import BinaryIO
 
 __all__ = [
-    "fsync_dir", "fs_type", "is_network_fs", "temp_name", "NETWORK_FS", "HOST", "left_by_dead_writer",
+    "fsync_dir", "fs_type", "is_network_fs", "temp_name", "replace_file", "NETWORK_FS", "HOST", "left_by_dead_writer",
     "open_regular", "read_head", "NotRegularFileError", "make_dirs", "fsync_parents", "file_kind", "fix_for",
 ]
 
@@ -72,6 +73,27 @@ def temp_name(final: str) -> str:
     """
     head, tail = os.path.split(final)
     return os.path.join(head, f".{tail}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def replace_file(path: str, data: bytes, durable: bool) -> None:
+    """Put ``data`` at ``path`` whole or not at all: written to a ``temp_name``, renamed over ``path``.
+
+    ``durable``: the file is fsynced before the rename (the caller fsyncs the
+    folder when the name must survive a power cut too). The temporary file is
+    removed when anything fails.
+    """
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def left_by_dead_writer(path: str, host: str, pid: str, min_age: float) -> bool:
