@@ -100,3 +100,16 @@ def test_docs_render_from_results(results: dict, tmp_path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         png = tmp_path / "performance-growth.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_paired_hit_harness_runs(tmp_path) -> None:
+    # benchmarks/bench_hits.py: stores built by W1, then every contender's hits in turn
+    # (diskcache is a benchmark extra, left out here); it exits non-zero if any call missed.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_hits.py"), "--n", "40", "--passes", "1", "--dir", str(tmp_path),
+         "--contenders", "sqlite,sqlite_ignore,floor_full", "--json"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["n"] == 40 and set(out["passes"][0]["x_floor"]) == {"sqlite", "sqlite_ignore"}

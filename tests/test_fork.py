@@ -140,3 +140,76 @@ def test_a_forked_childs_hits_count_in_its_own_run(tmp_path: Any) -> None:
         assert runs[parent_run]["hits"] == 1 and runs[parent_run]["steps_run"] == 1
     finally:
         ck.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_forks_while_threads_hit(tmp_path: Any, journal: str) -> None:
+    """Hits in threads while the main thread forks: each child hits and saves promptly.
+
+    In WAL mode a hit's one SELECT holds the fork gate's lock instead of
+    counting itself in and out (``ThreadConnections.fetchone(held=)``); the
+    fork must still land between SQLite calls, never inside one.
+    """
+    import signal
+    import time
+
+    from ai2_kit.core.checkpoint import Checkpointer
+
+    def step(x: int) -> int:
+        return x * 2
+
+    ck = Checkpointer(store=SQLiteStore(str(tmp_path / "c.db"), journal=journal))
+    try:
+        assert ck._hot and ck.store._wal == (journal == "wal")  # type: ignore[attr-defined]
+        for i in range(50):
+            ck(f"k{i}")(step)(i)
+        stop = threading.Event()
+        hits = [0, 0]
+        errors: list[str] = []
+
+        def hitting(t: int) -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    if ck(f"k{i % 50}")(step)(i % 50) != i % 50 * 2:
+                        errors.append(f"wrong value for k{i % 50}")
+                except Exception as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+                    return
+                hits[t] += 1
+                i += 1
+
+        threads = [threading.Thread(target=hitting, args=(t,)) for t in range(2)]
+        for th in threads:
+            th.start()
+        pids = []
+        for n in range(20):
+            target = sum(hits) + 1 + n % 3  # fork at different points of the hitters' work
+            limit = time.monotonic() + 30
+            while sum(hits) < target and time.monotonic() < limit and not errors:
+                time.sleep(0.0005 * (n % 4))
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    signal.alarm(CHILD_DEADLINE_S)  # stuck on an inherited lock: killed, a non-zero code
+                    ok = ck(f"k{n}")(step)(n) == n * 2 and ck(f"child/{n}")(step)(n) == n * 2
+                    ok = ok and ck.store.lookup(f"child/{n}") is not None
+                    code = 0 if ok else 1
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        codes = []
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            codes.append(status)
+        stop.set()
+        for th in threads:
+            th.join(60)
+        assert codes == [0] * 20 and not errors and min(hits) > 0
+        assert ck.store.keys("child/") == sorted(f"child/{n}" for n in range(20))
+        assert ck.store.integrity_check() == []  # type: ignore[attr-defined]
+    finally:
+        ck.close()

@@ -8,7 +8,9 @@ parsing the metadata record; anything it cannot settle goes the full way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -338,6 +340,10 @@ def _two(a: Any, b: Any) -> None:
     pass
 
 
+def _nothing() -> None:
+    pass
+
+
 def _closure() -> Any:
     cell = [1]
 
@@ -351,6 +357,10 @@ def _closure() -> Any:
     (_two, (1, "s")), (_two, (True, None)), (_two, (-7, 1e300)), (_two, (0.0, -0.0)),
     (_plain, (1,)), (_plain, (1, 2)), (_plain, (1, 2, 3, 4)), (_plain, ("x" * 20, 2)),
     (_closure(), (5,)), (step, (3,)),
+    # Strings whose repr needs escapes or other quotes, and text beyond ASCII:
+    # the short digest writes repr's text itself, so it must escape the same.
+    (_two, ("it's", 'say "hi"')), (_two, ("tab\there", "back\\slash")), (_two, ("\u00e9t\u00e9", "\u2028")),
+    (_two, ("\ud800", "\x00")), (_nothing, ()), (_two, (10 ** 19, -(10 ** 19))), (_two, (False, 1)),
 ])
 def test_the_short_digest_is_the_records_digest(fn: Any, args: tuple) -> None:
     from ai2_kit.core.checkpoint._fingerprint import fingerprint, hit_digest
@@ -463,3 +473,233 @@ def test_a_hit_the_short_way_cannot_settle_is_read_once(tmp_path: Path, case: st
         selects = _entry_selects(conn, lambda: got.append(call(arg)))
         assert got == [value_of(1)] and RUNS == [1]
         assert len([s for s in selects if "SELECT" in s]) == 2, selects  # the short way, then the full way
+
+
+# -- the hot path of a hit (CheckpointedFunction.__call__) ---------------------------------
+
+
+async def _seven() -> int:
+    return 7
+
+
+def _plain_returning_awaitable() -> Any:
+    return _seven()
+
+
+def _script(ck: Checkpointer) -> list[Any]:
+    """The same calls on any checkpointer: what each returned, what ran."""
+    out: list[Any] = []
+    out.append(ck("a")(step)(1))  # a miss
+    out.append(ck("a")(step)(1))  # a hit
+    out.append(ck("a")(step)(2))  # another argument: warn / rerun / ignore
+    out.append(ck("a")(step)(2))
+    out.append(ck("b")(step)(3, y=4))  # keywords: the full fingerprint
+    out.append(ck("b")(step)(3, y=4))
+    out.append(ck("c")(step)(5, [1, 2]))  # a list argument: the full fingerprint
+    out.append(ck("c")(step)(5, [1, 2]))
+    out.append(ck("c")(step)(5, [1, 3]))
+    out.append(asyncio.run(ck("d")(_plain_returning_awaitable)()))  # awaitable's value saved
+    out.append(asyncio.run(ck("d")(_plain_returning_awaitable)()))  # the hit: an awaitable again
+    out.append(ck("e", stale="rerun")(step)(6))
+    out.append(ck("e", stale="rerun")(step)(7))
+    out.append(ck("e", stale="ignore")(step)(8))
+    out.append(ck("e", disable=True)(step)(9))
+    out.append(list(RUNS))
+    ck.run.flush()
+    rec = ck.run.record
+    out.append((rec["hits"], rec["steps_run"], rec["stale"]))
+    return out
+
+
+@pytest.mark.parametrize("stale", ["warn", "rerun", "ignore"])
+def test_the_hot_path_and_the_full_path_agree(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch, stale: str) -> None:
+    from ai2_kit.core.checkpoint._checkpointer import CheckpointedFunction
+
+    prepared: list[str] = []
+    full = CheckpointedFunction._prepare
+
+    def counting(self: Any, ckpt: Any, k: str, *rest: Any) -> Any:
+        prepared.append(k)
+        return full(self, ckpt, k, *rest)
+
+    monkeypatch.setattr(CheckpointedFunction, "_prepare", counting)
+    results, logs, taken = [], [], []
+    for hot in (True, False):
+        RUNS.clear()
+        prepared.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=LOGGER), \
+                Checkpointer(tmp_path / f"{hot}.db", stale=stale) as ck:
+            assert ck._hot
+            ck._hot = hot  # off: every call goes the full way, as before the hot path
+            results.append(_script(ck))
+        logs.append([(r.levelname, re.sub(r"took [0-9.]+ s", "took T s",
+                                          r.getMessage().replace(str(tmp_path / f"{hot}.db"), "F")))
+                     for r in caplog.records])
+        taken.append(list(prepared))
+    assert results[0] == results[1]
+    assert logs[0] == logs[1]
+    if stale != "rerun":
+        assert any("checkpoint 'a'" in r[1] and r[0] == "WARNING" for r in logs[0]) == (stale == "warn")
+    # The hot path settled the plain hits itself (and the misses of functions
+    # fingerprinted before); the full way saw every call.
+    assert taken[1].count("a") == 4 and taken[0].count("a") < 4
+    assert taken[1].count("d") == 2 and taken[0].count("d") <= 1  # the hit: hot
+
+
+def test_a_subclass_that_changes_a_step_of_a_hit_gets_no_hot_path(tmp_path: Path) -> None:
+    class Looking(Checkpointer):
+        def lookup_call(self, *args: Any) -> Any:
+            return super().lookup_call(*args)
+
+    with Looking(tmp_path / "a.db") as a, Checkpointer(tmp_path / "b.db") as b:
+        assert not a._hot and b._hot
+
+
+class _ClosingInside(SQLiteStore):
+    """The real store; ``during`` runs inside the short way of the next hit, before its query."""
+
+    during: list[Any] = []
+
+    def lookup_fast(self, *args: Any, **kwargs: Any) -> Any:
+        while self.during:
+            self.during.pop()()
+        return super().lookup_fast(*args, **kwargs)
+
+
+def test_close_during_a_hot_hit_closes_the_store_after_it(tmp_path: Path) -> None:
+    from ai2_kit.core.checkpoint import CheckpointError
+
+    store = _ClosingInside(str(tmp_path / "c.db"))
+    ck = Checkpointer(store=store)
+    assert ck._hot
+    assert ck("k")(step)(1) == want(1)
+    store.during.append(ck.close)
+    assert ck("k")(step)(1) == want(1)  # closed mid-hit: the hit still reads and returns
+    assert store.closed and ck._inflight == 0
+    with pytest.raises(CheckpointError, match="is closed"):
+        ck("k")(step)(1)
+    assert RUNS == [1]
+
+
+def test_hits_from_threads_while_the_checkpointer_closes(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from ai2_kit.core.checkpoint import CheckpointError
+
+    with Checkpointer(tmp_path / "c.db") as ck:
+        for i in range(20):
+            ck(f"k{i}")(step)(i)
+    RUNS.clear()
+    ck = Checkpointer(tmp_path / "c.db")
+    done = [0] * 4
+    bad: list[Any] = []
+
+    def hitting(t: int) -> None:
+        i = 0
+        while True:
+            try:
+                got = ck(f"k{i % 20}")(step)(i % 20)
+            except CheckpointError as e:
+                if "is closed" not in str(e):
+                    bad.append(e)
+                return
+            except BaseException as e:  # anything else is a defect
+                bad.append(e)
+                return
+            if got != want(i % 20):
+                bad.append(got)
+            done[t] += 1
+            i += 1
+
+    threads = [threading.Thread(target=hitting, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + 60
+    while min(done) < 50 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    ck.close()
+    for th in threads:
+        th.join(60)
+    assert min(done) >= 50 and not bad and RUNS == []
+    assert ck.store.closed and ck._inflight == 0
+
+
+class _CallableObject:
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
+def _with_attribute(x: Any) -> Any:
+    return x
+
+
+_with_attribute.note = "kept"  # type: ignore[attr-defined]
+
+
+async def _coro_fn(x: Any) -> Any:
+    return x
+
+
+@pytest.mark.parametrize("fn", [step, lambda x: x, _closure(), functools.partial(step, y=3), _CallableObject(),
+                                _with_attribute, _coro_fn, len, str])
+def test_the_plain_decorator_makes_the_same_wrapper_as_init(tmp_path: Path, fn: Any) -> None:
+    # ckpt(key) with no other option builds the wrapper without __init__ once the
+    # function has been seen: it must set exactly what __init__ sets.
+    from ai2_kit.core.checkpoint._checkpointer import CheckpointedFunction
+    from ai2_kit.core.checkpoint._errors import InvalidKeyError
+
+    with Checkpointer(tmp_path / "c.db") as ck:
+        first = ck("k")(fn)  # through __init__: the function's state is worked out
+        again = ck("k")(fn)
+        ref = CheckpointedFunction(fn, "k", ckpt=ck)
+        assert type(again) is CheckpointedFunction
+        assert vars(first) == vars(again) == vars(ref)
+        with pytest.raises(InvalidKeyError):
+            ck("../bad")(fn)
+    with pytest.raises(TypeError, match="must wrap a callable"):
+        Checkpointer(tmp_path / "d.db")("k")(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aw", [0, 1])
+def test_the_hit_crc_is_the_standard_crc_whichever_library_computes_it(aw: int) -> None:
+    # zlib-ng's CRC-32 when installed: the values saved by (and for) the standard library's must match.
+    import zlib
+
+    frame = bytes(range(256)) * 5
+    kcrc = _sqlite.key_crc("a/b")
+    want_crc = zlib.crc32(frame, zlib.crc32(b"\x01", kcrc) if aw else kcrc)
+    assert _sqlite.hit_crc(kcrc, aw, frame) == want_crc == zlib.crc32(b"a/b" + b"\x01" * aw + frame)
+
+
+def test_the_seed_interface_takes_the_hot_path_and_follows_the_default_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # apply_checkpoint(key)(fn)(*args), as workflows call it: the wrapper resolves the
+    # default store at every call, so a switch of store between calls is followed.
+    from ai2_kit.core.checkpoint import apply_checkpoint, get_checkpointer, set_checkpoint_file
+    from ai2_kit.core.checkpoint._checkpointer import CheckpointedFunction, make_wrapper
+
+    prepared: list[str] = []
+    full = CheckpointedFunction._prepare
+
+    def counting(self: Any, ckpt: Any, k: str, *rest: Any) -> Any:
+        prepared.append(k)
+        return full(self, ckpt, k, *rest)
+
+    monkeypatch.setattr(CheckpointedFunction, "_prepare", counting)
+    assert apply_checkpoint("k")(step)(1) == want(1)  # no store: it just runs
+    a = set_checkpoint_file(tmp_path / "a.db")
+    kept = apply_checkpoint("k")(step)
+    assert vars(kept) == vars(make_wrapper(step, "k", False, get_checkpointer))
+    assert kept(1) == want(1) and apply_checkpoint("k")(step)(1) == want(1)  # a miss, then a hit
+    prepared.clear()
+    for _ in range(3):
+        assert apply_checkpoint("k")(step)(1) == want(1)
+    assert prepared == [] and RUNS == [1, 1]  # hits: the hot path only
+    b = set_checkpoint_file(tmp_path / "b.db")
+    assert kept(1) == want(1) and "k" in b.store and RUNS == [1, 1, 1]  # the new default: a miss there
+    assert a.closing and not b.closing
+    assert apply_checkpoint("k", disable=True)(step)(1) == want(1) and RUNS == [1, 1, 1, 1]

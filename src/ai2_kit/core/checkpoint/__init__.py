@@ -14,6 +14,7 @@ create your own ``Checkpointer`` objects to hold several stores at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from ._checkpointer import (
     P,  # defined at run time, so typing.get_type_hints() on the public functions finds it
     StoreSpec,
     _normalize_location,
+    _plain_wrapper,
     _warn_off,
     checkpointer_for,
     make_wrapper,
@@ -260,6 +262,10 @@ def apply_checkpoint(
     (``"warn"``, ``"rerun"``, ``"ignore"``) overrides the store's policy for
     saved results whose arguments or code changed since (see ``Checkpointer``).
     """
+    if type(key_fn) is str and not disable and stale is None:
+        # The commonest decorator, made afresh by every call of a workflow: the
+        # wrapper without its general constructor (the same fields).
+        return functools.partial(_plain_wrapper, None, get_checkpointer, key_fn)  # type: ignore[return-value]
     return lambda fn: make_wrapper(fn, key_fn, disable, get_checkpointer, stale)  # type: ignore[return-value]
 
 

@@ -422,6 +422,10 @@ def _rebuild_checkpointer(spec: StoreSpec) -> Checkpointer:
 # -- the checkpointer ------------------------------------------------------------------
 
 
+#: What the hot path of a hit does in place of calling these methods.
+_HOT_STEPS = ("lookup_call", "lookup", "log_hit", "count_hit", "fingerprint", "accept", "_enter", "_leave")
+
+
 class Checkpointer:
     """Saves the results of steps in a store and returns them on later calls.
 
@@ -507,6 +511,10 @@ class Checkpointer:
         self._inflight = 0
         self.closing = False
         self.spec = self._describe(location, prefer, opts)
+        #: Whether plain calls may take the hot path of a hit (``CheckpointedFunction.__call__``):
+        #: the store has the short way, and no subclass changed a step the hot path writes out.
+        self._hot = type(store).lookup_fast is not Store.lookup_fast and not any(
+            getattr(type(self), name) is not getattr(Checkpointer, name) for name in _HOT_STEPS)
         _live.add(self)
         _registry.add(self)
 
@@ -537,6 +545,10 @@ class Checkpointer:
 
         ``stale`` overrides the checkpointer's policy for these calls.
         """
+        if type(key) is str and not disable and stale is None:
+            # The commonest decorator, made afresh by every call of a workflow
+            # (``apply_checkpoint(key)(f)(x)``): the wrapper without __init__.
+            return functools.partial(_plain_wrapper, self, None, key)  # type: ignore[return-value]
         return lambda fn: CheckpointedFunction(fn, key, disable, stale, ckpt=self)  # type: ignore[return-value]
 
     apply = __call__
@@ -648,7 +660,10 @@ class Checkpointer:
 
     def log_hit(self, key: str, meta: dict[str, Any]) -> None:
         """The one INFO line a returned hit gets (and the run's count of hits)."""
-        dur = meta.get("duration")
+        self.count_hit(key, meta.get("duration"))
+
+    def count_hit(self, key: str, dur: Any) -> None:
+        """``log_hit`` for a caller that has the original call's duration in hand."""
         # No getpid() here (a system call, a tenth of a hit's Python time): a
         # forked child's hook drops the parent's recorder (_after_fork_in_child).
         rec = self._run
@@ -1119,6 +1134,39 @@ def _fn_state(fn: Callable[..., Any]) -> tuple[dict[str, Any], str, bool]:
     return state
 
 
+def _plain_wrapper(ckpt: Optional[Checkpointer], default: Optional[Callable[[], Optional[Checkpointer]]], key: str,
+                   fn: Callable[..., Any]) -> CheckpointedFunction:
+    """``CheckpointedFunction(fn, key, ckpt=ckpt, default=default)`` for a string key, no other option.
+
+    The decorators made afresh by every call of a workflow (``ckpt(key)``,
+    and the facade's ``apply_checkpoint(key)``): the same fields as
+    ``__init__`` sets for such a wrapper of a plain function (``__dict__``
+    empty, not a coroutine function), without its general case; anything
+    else goes through ``__init__``.
+    """
+    try:
+        state = _FN_STATE.get(fn) if callable(fn) else None
+    except TypeError:  # not weakly referable
+        state = None
+    if state is None or state[2] or getattr(fn, "__dict__", None):
+        return CheckpointedFunction(fn, key, ckpt=ckpt, default=default)
+    validate_key(key)  # fail at decoration time, before any step runs
+    w = _new_object(CheckpointedFunction)
+    d = w.__dict__
+    d.update(state[0])
+    d["__wrapped__"] = fn
+    d["_ck_key"] = key
+    d["_ck_k"] = key
+    d["_ck_bound"] = ckpt
+    d["_ck_name"] = state[1]
+    if default is not None:
+        d["_ck_default"] = default
+    return w  # type: ignore[no-any-return]
+
+
+_new_object = object.__new__
+
+
 class CheckpointedFunction:
     """A function whose calls are checkpointed: what ``apply_checkpoint`` returns.
 
@@ -1273,14 +1321,15 @@ class CheckpointedFunction:
 
     @overload
     def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict,
-                 limit: None = None) -> tuple[Any, ...]: ...
+                 limit: None = None, tried: Optional[tuple[Optional[str]]] = None) -> tuple[Any, ...]: ...
 
     @overload
     def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict,
-                 limit: int) -> Optional[tuple[Any, ...]]: ...
+                 limit: int, tried: Optional[tuple[Optional[str]]] = None) -> Optional[tuple[Any, ...]]: ...
 
     def _prepare(self, ckpt: Checkpointer, k: str, args: tuple, kwargs: dict,
-                 limit: Optional[int] = None) -> Optional[tuple[Any, ...]]:
+                 limit: Optional[int] = None, tried: Optional[tuple[Optional[str]]] = None
+                 ) -> Optional[tuple[Any, ...]]:
         """Look ``k`` up and judge staleness: (found, value, meta, fingerprint, rejected).
 
         A hit whose digest matches needs no fingerprint record (only its
@@ -1288,12 +1337,16 @@ class CheckpointedFunction:
         is built when the entry is missing (the save keeps it) or differs
         (``accept`` compares it). With ``limit`` (a read on the event loop):
         None when the entry is larger than ``limit`` bytes or in a side file
-        (read it in a thread instead).
+        (read it in a thread instead). ``tried``: ``(digest,)`` when the hot
+        path took the short way with that digest already and it could not
+        settle the call (only the full way is left).
         """
         policy = self._ck_stale or ckpt.stale
         fn = self.__wrapped__  # type: ignore[attr-defined]
         fp = None
-        if policy == "ignore":
+        if tried is not None:
+            digest = tried[0]
+        elif policy == "ignore":
             digest = None
         else:
             digest = hit_digest(fn, args, kwargs)
@@ -1301,7 +1354,7 @@ class CheckpointedFunction:
                 fp = ckpt.fingerprint(fn, args, kwargs)
                 digest = None if fp is None else getattr(fp, "digest", None)
         kcrc = None
-        if fp is None or digest is not None:  # else: a record without its digest, judged in full
+        if tried is None and (fp is None or digest is not None):  # else: judged in full
             kcrc = self._ck_kcrc
             if kcrc is None or k is not self._ck_k:
                 kcrc = key_crc(k)
@@ -1340,24 +1393,71 @@ class CheckpointedFunction:
             if self._ck_disable or self._resolve() is None:
                 return fn(*args, **kwargs)
             at = _call_site(1)
-            k = self._ck_k or _resolve_key(self._ck_key, fn, args, kwargs, at)
+            ak = self._ck_k or _resolve_key(self._ck_key, fn, args, kwargs, at)
             # Nothing is counted or claimed before the coroutine starts: one
             # that is never awaited holds nothing.
-            return self._run_async(k, at, args, kwargs)
-        ckpt = self._acquire()
-        if ckpt is None:
-            return fn(*args, **kwargs)
+            return self._run_async(ak, at, args, kwargs)
+        ckpt = self._ck_bound
+        if ckpt is None and self._ck_default is not None and not self._ck_received:
+            ckpt = self._ck_default()  # the facade's default store (``_resolve``)
+        k = self._ck_k
+        prepared: Optional[tuple[Any, ...]] = None
+        tried: Optional[tuple[Optional[str]]] = None
+        entered = False
+        if ckpt is not None and k is not None and ckpt._hot and not self._ck_disable:
+            # The hot path: a plain function with a string key on a checkpointer
+            # whose store has the short way (SQLite, unsigned): counted in (a
+            # closing one: ``_acquire`` below says what to do), ``_prepare``'s
+            # short way, ending in the hit itself; anything it cannot settle
+            # goes on below, as before.
+            entered = ckpt._enter()
+        if ckpt is not None and k is not None and entered:
+            returned = False
+            try:
+                if self._ck_stale == "ignore" or (self._ck_stale is None and ckpt.stale == "ignore"):
+                    digest = None
+                    fast = True
+                else:
+                    digest = hit_digest(fn, args, kwargs)
+                    fast = digest is not None  # else the full way fingerprints the call
+                if fast:
+                    try:
+                        got = ckpt.store.lookup_fast(k, digest, key_crc(k))
+                    except Exception as e:  # the full way says what it is
+                        logger.debug("short look-up of checkpoint %s failed: %s", k, e)
+                        got = None
+                    if got is MISSING:
+                        # Settled: a miss (the save records the call's fingerprints).
+                        prepared = (False, None, {}, None if digest is None else ckpt.fingerprint(fn, args, kwargs),
+                                    None)
+                    elif got is None:
+                        tried = (digest,)  # the short way could not settle it: the full way only
+                    else:
+                        value, dur, aw = got
+                        ckpt.count_hit(k, dur)
+                        got = _ready(value) if aw else value
+                        returned = True
+            except BaseException:
+                ckpt._leave()
+                raise
+            if returned:
+                ckpt._leave()
+                return got
+        else:
+            ckpt = self._acquire()
+            if ckpt is None:
+                return fn(*args, **kwargs)
         lease: Optional[Lease] = None
         flight: Optional[_Flight] = None
         handed_over = False
         try:
             site: Optional[str] = None
-            if self._ck_k is not None:
-                k = self._ck_k
-            else:
+            if k is None:
                 site = _call_site(1)
                 k = _resolve_key(self._ck_key, fn, args, kwargs, site)
-            found, value, meta, fp, rejected = self._prepare(ckpt, k, args, kwargs)
+            if prepared is None:
+                prepared = self._prepare(ckpt, k, args, kwargs, None, tried)
+            found, value, meta, fp, rejected = prepared
             if found:
                 ckpt.log_hit(k, meta)
                 return _ready(value) if meta.get("is_awaitable") else value

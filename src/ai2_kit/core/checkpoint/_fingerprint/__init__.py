@@ -415,6 +415,13 @@ def fingerprint(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
     return rec
 
 
+#: Code object -> ``repr(name) + ": "`` of each positional parameter: the
+#: fixed pieces of a positional call's digest text (``hit_digest``); False
+#: for functions with keyword-only parameters (bound the general way).
+_HEADS: Dict[types.CodeType, Any] = {}
+_blake2b = hashlib.blake2b
+
+
 def hit_digest(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
     """``fingerprint(fn, args, kwargs).digest`` without building the record, or None.
 
@@ -438,13 +445,32 @@ def hit_digest(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
         valid = (id(fn.__defaults__), id(fn.__kwdefaults__)) if fn.__closure__ is None else _validity([fn])
         if got[0] != valid:
             return None
-        lay = _LAYOUTS.get(fn.__code__)
-        if lay is not None and len(args) == len(lay.pos) and not lay.kwonly:
-            names: Any = lay.pos  # every parameter passed by position: _bind_function's answer
-            values: Any = args
-        else:
-            bound = _bind_function(fn, args, kwargs)
-            names, values = bound.keys(), bound.values()
+        code = fn.__code__
+        heads: Any = _HEADS.get(code)
+        if heads is None:
+            lay = _LAYOUTS.get(code)  # there once the function was fingerprinted (_BASES)
+            if lay is not None:
+                if len(_HEADS) >= 4096:
+                    _HEADS.clear()
+                heads = _HEADS[code] = False if lay.kwonly else tuple(repr(name) + ": " for name in lay.pos)
+        if (heads and len(heads) == len(args)) or (heads == () and not args):
+            # Every parameter passed by position (_bind_function's answer is
+            # then the parameters in order): call_digest's text, written
+            # straight from the pieces, as repr would join them.
+            parts = []
+            r: Optional[str]
+            for head, value in zip(heads, args):
+                if type(value) is int and -(10 ** 20) < value < 10 ** 20:
+                    r = repr(value)  # _inline's first case, without a call
+                else:
+                    r = _inline(value)
+                    if r is None:
+                        return None
+                parts.append(head + repr(r))
+            text = "({" + ", ".join(parts) + "}, {})"
+            return _blake2b(got[2] + text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        bound = _bind_function(fn, args, kwargs)
+        names, values = bound.keys(), bound.values()
         digests: Dict[str, str] = {}
         for name, value in zip(names, values):
             r = _inline(value)

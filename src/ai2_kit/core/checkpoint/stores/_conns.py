@@ -70,8 +70,13 @@ class ForkGate:
     def __init__(self) -> None:
         # The lock is used bare on the hot path (its C-level context manager;
         # a Condition's is Python code), and waiters are woken only while a
-        # fork waits for them.
-        self._lock = threading.Lock()
+        # fork waits for them. A single short query may instead hold the lock
+        # itself for its whole length (``ThreadConnections.fetchone(held=)``): the
+        # fork takes the lock to begin and keeps it until it is done, so no
+        # fork lands inside that query either. Reentrant (as cheap as a plain
+        # lock) so that a fork made while this thread holds it (a signal
+        # handler's) sees that, as ``inside``, instead of waiting for itself.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._active = 0
         self._forking = False
@@ -111,7 +116,7 @@ class ForkGate:
 
     def close_for_fork(self) -> bool:
         """Wait until no operation runs and hold new ones; False if this thread is inside one."""
-        if self.inside():
+        if self.inside() or self._lock._is_owned():  # type: ignore[attr-defined]
             return False  # it would wait for itself; the fork then crosses this operation
         self._cond.acquire()
         self._forking = True
@@ -160,15 +165,30 @@ class ThreadConnections(Generic[C]):
                 self._all.append((threading.current_thread(), conn))
         return conn
 
-    def fetchone(self, sql: str, params: Any) -> Any:
+    def fetchone(self, sql: str, params: Any, held: bool = False) -> Any:
         """The first row of one query on this thread's connection, inside the gate.
 
         A hit's path: one call for the gate, the connection and the query.
+        With ``held``, the gate's own lock is held for the query instead of
+        counting it in and out as an operation (a fork needs that lock to
+        begin, ``ForkGate.close_for_fork``): about 0.5 us less per hit. Only
+        for a query that never waits on another thread of this process,
+        since other threads' operations wait for the lock to start or end.
+        An SQLite read in WAL mode never waits for a writer; in
+        rollback-journal mode it waits for a pending commit, which waits for
+        readers, one of which may be a thread of ours that needs the lock to
+        go on: not there.
         """
         gate = self.gate
+        if held:
+            with gate._lock:
+                conn: Any = getattr(self._local, "conn", None) if os.getpid() == self._pid else None
+                if conn is not None:
+                    return conn.execute(sql, params).fetchone()
+        # Counted as an operation (and this thread's first query, or the first after a fork).
         depth = gate.enter()
         try:
-            conn: Any = getattr(self._local, "conn", None) if os.getpid() == self._pid else None
+            conn = getattr(self._local, "conn", None) if os.getpid() == self._pid else None
             if conn is None:
                 conn = self.get()
             return conn.execute(sql, params).fetchone()
