@@ -162,6 +162,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         sys.stdout.write(f"pass {k + 1} (median us)  {cells}\n    {ratios}\n")
     for c in contenders:
         c.close()
+    out["peak_rss_mb"] = _worker.peak_rss_mb()
     if a.json:
         sys.stdout.write(json.dumps(out) + "\n")
     return out

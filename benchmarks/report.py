@@ -322,6 +322,7 @@ def targets(res: Results) -> list[tuple[str, str, str, bool | None]]:
                 return a, b  # type: ignore[return-value]
         return None
 
+    hits = next((r for n in sizes if _ok(r := res.get("W2pair", "sqlite", n))), None)
     # Issue 15's goals for 1 KB values on the SQLite store: (goal, workload, ours, reference, bound).
     for goal, workload, ours, ref, bound in (
         ("sequential durable save <= 1.15x the durable floor (WAL + FULL INSERT)", "W1", "sqlite", "floor_full",
@@ -335,6 +336,7 @@ def targets(res: Results) -> list[tuple[str, str, str, bool | None]]:
             q = got[0]["mean_us"] / got[1]["mean_us"]
             how = f"{q:.2f}x at n={got[0]['n']:,}"
             pair = res.get("W1pair", "sqlite", got[0]["n"]) if ours == "sqlite" and ref == "floor_full" else None
+            paired = f"{ours}_x_floor" if ref == "floor_full" else "sqlite_x_diskcache"
             if workload == "W1" and _ok(pair):
                 # Ours and the floor called in turn in one process (see _worker.w1_pair).
                 assert pair is not None
@@ -343,6 +345,12 @@ def targets(res: Results) -> list[tuple[str, str, str, bool | None]]:
                 how = (f"{q:.2f}x at n={got[0]['n']:,}, called in turn with the floor in one process "
                        f"({pair['ours_mean_us']:.0f} vs {pair['floor_mean_us']:.0f} us; rounds {rounds}; "
                        f"ratio of medians {pair['x_floor_median']:.2f}x)")
+            elif workload == "W2" and hits is not None and paired in hits:
+                # Contenders call by call in one process (see benchmarks/bench_hits.py).
+                q = hits[paired]
+                us = hits["median_us"]
+                how = (f"{q:.2f}x at n={hits['n']:,}, called in turn in one process (medians: {us[ours]:.1f} vs "
+                       f"{us[ref]:.1f} us; {len(hits['passes'])} passes); separate processes: {how}")
             elif ref == "floor_full" and workload == "W1" and "x_floor" in got[0]:
                 # Rounds: each paired with the floor's run of the same round (see run.merge_rounds).
                 q = got[0]["x_floor"]
@@ -480,7 +488,12 @@ Each contender runs each workload in its own fresh process
 
 The results below come from one run on a small shared VM (2 cores, ext4 on
 a virtual disk, fsync about 0.1 ms); ratios between contenders of the same
-run are the figures to read, absolute times are this machine's.
+run are the figures to read, absolute times are this machine's. The goals'
+ratios come from contenders called in turn in one process, so that both
+sides of a ratio meet the same disk and the same neighbours: saves by
+`_worker.py W1pair` (ours and the floor alternating call by call), hits by
+`benchmarks/bench_hits.py` (ours, ours with stale="ignore", the floor and
+diskcache, key by key, who goes first rotating).
 """
 
 

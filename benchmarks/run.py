@@ -68,6 +68,42 @@ def run_worker(contender: str, workload: str, n: int, tmp: str, *, budget: float
     return rec
 
 
+def run_hit_pairs(n: int, tmp: str, who: list[str], passes: int) -> dict[str, Any]:
+    """The hit goals' figures: benchmarks/bench_hits.py, contenders call by call in one process."""
+    cmd = [sys.executable, os.path.join(HERE, "bench_hits.py"), "--n", str(n), "--dir", tmp,
+           "--passes", str(max(passes, 3)), "--contenders", ",".join(who), "--json"]
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"contender": "sqlite", "workload": "W2pair", "n": n}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    except subprocess.TimeoutExpired:
+        rec["error"] = "timed out"
+    else:
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode == 0 and lines:
+            out = json.loads(lines[-1])
+            passes_ = out["passes"]
+            rec["passes"] = passes_
+            rec["peak_rss_mb"] = out["peak_rss_mb"]
+            # Each pass's own ratios; the median over the passes is the figure.
+            for name in passes_[0]["x_floor"]:
+                rec[f"{name}_x_floor"] = statistics.median(p["x_floor"][name] for p in passes_)
+            if "sqlite_x_diskcache" in passes_[0]:
+                rec["sqlite_x_diskcache"] = statistics.median(p["sqlite_x_diskcache"] for p in passes_)
+            rec["median_us"] = {c: statistics.median(p["median_us"][c] for p in passes_)
+                                for c in passes_[0]["median_us"]}
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            rec["error"] = f"exit {proc.returncode}: {tail[:400]}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rec["wall_s"] = time.perf_counter() - t0
+    brief = {k: rec[k] for k in ("sqlite_x_floor", "sqlite_ignore_x_floor", "sqlite_x_diskcache", "error")
+             if k in rec}
+    log(f"  W2pair   sqlite         n={n:<7d} {rec['wall_s']:6.1f}s {_short(brief)}")
+    return rec
+
+
 def merge_rounds(by_round: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One W1 record per contender from its rounds: medians, and ratios paired by round.
 
@@ -177,6 +213,9 @@ def run_suite(a: argparse.Namespace) -> dict[str, Any]:
                         pairs.append(run_worker("sqlite", "W1pair", n, tmp, budget=max(a.budget, 900.0)))
                         shutil.rmtree(tmp, ignore_errors=True)
                     records.append(merge_pairs(pairs, n))
+                if n == a.pair_hits_n and {"sqlite", "floor_full"} <= set(small):
+                    who = [c for c in ("sqlite", "sqlite_ignore", "floor_full", "diskcache") if c in small]
+                    records.append(run_hit_pairs(n, os.path.join(base_tmp, f"hits-{n}"), who, a.rounds))
         if "W3" in only:
             log(f"W3 ls of {a.w3_n} x {a.w3_mb} MB")
             for c in small:
@@ -243,6 +282,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="W1 rounds over the contenders, order alternating; medians kept, and each "
                         "contender's ratio to the durable floor paired by round (default 1)")
+    p.add_argument("--pair-hits-n", type=int,
+                   help="the W1/W2 size at which hits are also measured in pairs in one process "
+                        "(benchmarks/bench_hits.py; default 10000, the smallest size with --quick)")
     p.add_argument("--budget", type=float,
                    help=f"seconds per size before {'/'.join(sorted(SLOW))} stop (default 45)")
     p.add_argument("--w3-n", type=int, help="W3 entries (default 200)")
@@ -260,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q = a.quick
     a.sizes = a.sizes or ("200" if q else "1000,10000,100000")
     a.budget = a.budget or (20.0 if q else 45.0)
+    if a.pair_hits_n is None:
+        a.pair_hits_n = int(a.sizes.split(",")[0]) if q else 10_000
     a.w3_n = a.w3_n or (10 if q else 200)
     a.w3_mb = a.w3_mb or (1.5 if q else 5.0)
     a.w4_mb = a.w4_mb or (16.0 if q else 512.0)

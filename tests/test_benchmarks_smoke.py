@@ -113,3 +113,13 @@ def test_the_paired_hit_harness_runs(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["n"] == 40 and set(out["passes"][0]["x_floor"]) == {"sqlite", "sqlite_ignore"}
+
+
+@pytest.mark.slow
+def test_the_suite_pairs_hits_in_one_process(results: dict) -> None:
+    # run.py runs bench_hits.py at the first size of a quick run; the hit goals read its ratios.
+    rec = _one(results, "W2pair", "sqlite", SIZES[0])
+    assert rec["sqlite_x_floor"] > 0 and set(rec["median_us"]) == {"sqlite", "floor_full"}
+    report = _load_report()
+    rows = [row for row in report.targets(report.Results(results)) if row[0].startswith("hit, staleness checks on")]
+    assert any("called in turn in one process" in row[2] for row in rows), rows
