@@ -465,18 +465,7 @@ class SQLiteStore(Store):
             row = self._conns.fetchone(_FAST_SELECT, (digest, key), self._wal)
         if row is None:
             return MISSING
-        # _fast_value, written out (the commonest hit).
-        frame, dur, code = row
-        if type(code) is not int or type(frame) is not bytes:
-            return None
-        aw = code & 1
-        # Checked before anything is unpickled (hit_crc).
-        crc = _frame_crc or _set_frame_crc()
-        if crc(frame, kcrc if aw == 0 else crc(b"\x01", kcrc)) != code >> 1:
-            return None
-        if not frame.startswith(_FAST_HEAD) or len(frame) < 16 or _LEN(frame, 8)[0] + 16 != len(frame):
-            return None
-        return pickle.loads(memoryview(frame)[16:]), dur, aw == 1
+        return _fast_value(row, kcrc)
 
     def _lookup_small(self, key: str, digest: Optional[str], kcrc: int, limit: int) -> Any:
         # The value is read only when it is small (SQLite gets a blob's length
