@@ -9,7 +9,10 @@ before anything is unpickled, and that no checksum thread outlives its call.
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -273,3 +276,125 @@ def test_big_value_survives_a_power_cut_right_after_put(tmp_path: Path, kind: st
     with (SQLiteStore(str(disk / "c.db")) if kind == "sqlite" else DirectoryStore(str(disk / "d"))) as after:
         hit = after.lookup("k")
         assert hit is not None and np.array_equal(hit.value, value)
+
+
+# -- a big frame handed to the disk slice by slice, then fsynced --------------------
+
+STRACE = shutil.which("strace")
+
+_WRITEBACK_CHILD = """
+import sys
+import numpy as np
+from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore
+kind, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = SQLiteStore(root + "/c.db") if kind == "sqlite" else DirectoryStore(root + "/d")
+with store:
+    store.put("k", np.random.default_rng(5).random(n))
+"""
+
+_TRACED = re.compile(r"^(?:\d+\s+)?(sync_file_range|fsync|fdatasync|rename)\((\d+<([^>]*)>|\"([^\"]*)\")(.*)$")
+
+
+@pytest.mark.skipif(STRACE is None and os.environ.get("CI") != "true",
+                    reason="strace is not installed (scripts/test.sh installs it)")
+@pytest.mark.parametrize("kind", ["sqlite", "directory"])
+def test_big_frame_goes_to_disk_slice_by_slice_then_is_fsynced(tmp_path: Path, kind: str) -> None:
+    """Each written slice of a big frame is handed to the disk at once (``sync_file_range``).
+
+    Left to itself the kernel would keep the whole frame in memory until the
+    fsync, which then waits for all of it. The hints must cover the value's
+    bytes exactly, up to the end of the file, and come before the file's
+    fsync, which still comes before the entry becomes visible (the rename;
+    tests/test_fsync_order.py checks the rest of the order).
+    """
+    assert STRACE is not None
+    trace = tmp_path / "trace"
+    root = tmp_path / "store"
+    root.mkdir()
+    done = subprocess.run(
+        [STRACE, "-f", "-y", "-o", str(trace), "-e", "trace=sync_file_range,fsync,fdatasync,rename,renameat,renameat2",
+         sys.executable, "-c", _WRITEBACK_CHILD, kind, str(root), str(BIG // 8)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    events: list[tuple[str, str, str]] = []
+    for line in trace.read_text().splitlines():
+        m = _TRACED.match(line.strip())
+        if m:
+            events.append((m.group(1), m.group(3) or m.group(4), m.group(5)))
+    suffix = ".frame" if kind == "sqlite" else ".tmp"
+    hints = [(path, rest) for call, path, rest in events if call == "sync_file_range" and path.endswith(suffix)]
+    assert len(hints) >= 2, events
+    paths = {path for path, _ in hints}
+    assert len(paths) == 1, paths
+    (written,) = paths
+    ranges = [tuple(int(x) for x in re.findall(r"\d+", rest)[:2]) for _, rest in hints]
+    assert all("SYNC_FILE_RANGE_WRITE" in rest and "WAIT" not in rest for _, rest in hints)
+    # Contiguous, in order, and ending where the file ends: every byte of the value, once.
+    for (off, n), (nxt, _) in zip(ranges, ranges[1:]):
+        assert off + n == nxt, ranges
+    final = written if kind == "sqlite" else str(root / "d" / "k.ckpt")
+    assert ranges[-1][0] + ranges[-1][1] == os.path.getsize(final)
+    assert ranges[0][0] < 4096 + 8 * 4 + 100  # after the record and the frame's header only
+    assert sum(n for _, n in ranges) >= BIG
+    last_hint = max(i for i, (call, path, _) in enumerate(events) if call == "sync_file_range" and path == written)
+    syncs = [i for i, (call, path, _) in enumerate(events) if call in ("fsync", "fdatasync") and path == written]
+    assert syncs and syncs[-1] > last_hint, "the file was not fsynced after its last slice was written"
+    if kind == "directory":
+        renamed = [i for i, (call, path, _) in enumerate(events) if call.startswith("rename") and path == written]
+        assert renamed and syncs[-1] < renamed[0]
+
+
+@pytest.mark.parametrize("refusal", ["refused", "missing"])
+def test_big_save_does_not_depend_on_the_writeback_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """A system without ``sync_file_range``, or a file system refusing it, saves exactly as before."""
+    calls: list[tuple[int, int, int, int]] = []
+
+    def refuse(fd: int, offset: int, n: int, flags: int) -> int:
+        calls.append((fd, offset, n, flags))
+        return -1
+
+    monkeypatch.setattr(_codec, "_sync_file_range", refuse if refusal == "refused" else False)
+    value = big_array(6)
+    for store in (SQLiteStore(str(tmp_path / "c.db")), DirectoryStore(str(tmp_path / "d"))):
+        with store:
+            meta = store.put("k", value)
+            assert meta["crc32"] == stdlib_crc(value)
+            hit = store.lookup("k")
+            assert hit is not None and np.array_equal(hit.value, value)
+    # Refused once per file, then no more hints for that file.
+    assert len(calls) == (2 if refusal == "refused" else 0)
+
+
+def test_big_frame_written_to_a_file_without_descriptor() -> None:
+    """``write_to`` also writes into a file object that has no OS file behind it."""
+    value = big_array(7)
+    encoded = _codec.encode(value)
+    out = io.BytesIO()
+    encoded.write_to(out)  # type: ignore[arg-type]
+    assert out.getvalue() == _codec.encode(value).to_bytes()
+    assert encoded.crc == stdlib_crc(value)
+
+
+def test_big_save_in_a_child_forked_after_one(tmp_path: Path) -> None:
+    """The writeback hint looked up in the parent (ctypes) serves a forked child too."""
+    out = _run("""
+        import os, sys
+        import numpy as np
+        from ai2_kit.core.checkpoint import _codec
+        from ai2_kit.core.checkpoint.stores import DirectoryStore
+        s = DirectoryStore(sys.argv[1] + "/d")
+        a = np.arange(3 << 20, dtype=np.float64)  # 24 MB: hinted slice by slice
+        s.put("parent", a)
+        looked_up = _codec._sync_file_range is not None
+        pid = os.fork()
+        if pid == 0:
+            s.put("child", a + 1)
+            hit = s.lookup("child")
+            os._exit(0 if hit is not None and np.array_equal(hit.value, a + 1) else 1)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), looked_up)
+        """, tmp_path)
+    assert out.strip() == "0 True"
