@@ -511,9 +511,8 @@ def _script(ck: Checkpointer) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("stale", ["warn", "rerun", "ignore"])
-def test_the_hot_path_and_the_full_path_agree(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                              monkeypatch: pytest.MonkeyPatch, stale: str) -> None:
+def _count_prepares(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys that went the full way (``CheckpointedFunction._prepare``), in order."""
     from ai2_kit.core.checkpoint._checkpointer import CheckpointedFunction
 
     prepared: list[str] = []
@@ -524,6 +523,14 @@ def test_the_hot_path_and_the_full_path_agree(tmp_path: Path, caplog: pytest.Log
         return full(self, ckpt, k, *rest)
 
     monkeypatch.setattr(CheckpointedFunction, "_prepare", counting)
+    return prepared
+
+
+@pytest.mark.parametrize("stale", ["warn", "rerun", "ignore"])
+def test_the_hot_path_and_the_full_path_agree(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch, stale: str) -> None:
+
+    prepared = _count_prepares(monkeypatch)
     results, logs, taken = [], [], []
     for hot in (True, False):
         RUNS.clear()
@@ -680,16 +687,9 @@ def test_the_seed_interface_takes_the_hot_path_and_follows_the_default_store(
     # apply_checkpoint(key)(fn)(*args), as workflows call it: the wrapper resolves the
     # default store at every call, so a switch of store between calls is followed.
     from ai2_kit.core.checkpoint import apply_checkpoint, get_checkpointer, set_checkpoint_file
-    from ai2_kit.core.checkpoint._checkpointer import CheckpointedFunction, make_wrapper
+    from ai2_kit.core.checkpoint._checkpointer import make_wrapper
 
-    prepared: list[str] = []
-    full = CheckpointedFunction._prepare
-
-    def counting(self: Any, ckpt: Any, k: str, *rest: Any) -> Any:
-        prepared.append(k)
-        return full(self, ckpt, k, *rest)
-
-    monkeypatch.setattr(CheckpointedFunction, "_prepare", counting)
+    prepared = _count_prepares(monkeypatch)
     assert apply_checkpoint("k")(step)(1) == want(1)  # no store: it just runs
     a = set_checkpoint_file(tmp_path / "a.db")
     kept = apply_checkpoint("k")(step)
