@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import json
+import os
 import pickle
 import sqlite3
 import sys
@@ -241,3 +243,212 @@ def test_a_new_store_is_born_in_its_journal_mode_and_leaves_no_temporary_files(
     with SQLiteStore(str(path)) as store:
         hit = store.lookup("k")
         assert hit is not None and hit.value == {"a": 1}
+
+
+# -- a lone save's one statement, its metadata text, its fingerprint record (issue 15, save) -----
+
+
+def _statements(conn: sqlite3.Connection, run: Any) -> list[str]:
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        run()
+    finally:
+        conn.set_trace_callback(None)
+    return seen
+
+
+def test_a_lone_save_is_one_statement_of_its_own(tmp_path: Path) -> None:
+    # It was BEGIN IMMEDIATE, INSERT, COMMIT: an INSERT outside BEGIN is a
+    # transaction of its own, with the same one commit (and fsync).
+    def step(i: int) -> dict[str, Any]:
+        return {"i": i}
+
+    with Checkpointer(tmp_path / "c.db") as ck:
+        ck("k/0")(step)(0)  # the first save may add columns and make the connection
+        conn = ck.store._conns.get()
+        seen = _statements(conn, lambda: ck("k/1")(step)(1))
+        writes = [s for s in seen if not s.lstrip().upper().startswith("SELECT")]
+        assert len(writes) == 1 and writes[0].startswith("INSERT INTO entries"), seen
+        assert not conn.in_transaction
+        # Overwriting a row without a side file: the same one statement.
+        seen = _statements(conn, lambda: ck("k/1", stale="rerun")(step)(2))
+        writes = [s for s in seen if not s.lstrip().upper().startswith("SELECT")]
+        assert len(writes) == 1 and writes[0].startswith("INSERT INTO entries"), seen
+    with Checkpointer(tmp_path / "c.db") as ck:
+        hit = ck.store.lookup("k/1")
+        assert hit is not None and hit.value == {"i": 2} and hit.meta["fingerprint"]["args"] == {"i": "2"}
+
+
+BIG = 2 << 20  # over INLINE_MAX: a side file
+
+
+@pytest.mark.parametrize("sizes", [("big", "small"), ("big", "big"), ("small", "big", "small"), ("big", "big", "big")])
+def test_overwrites_of_side_files_remove_the_old_file(tmp_path: Path, sizes: tuple[str, ...]) -> None:
+    # A lone save's one statement leaves a row that names a side file alone;
+    # the save then goes the transaction's way, which removes the old file.
+    def value(kind: str, i: int) -> Any:
+        return np.full(BIG // 8, i, np.int64) if kind == "big" else {"i": i}
+
+    store = SQLiteStore(str(tmp_path / "c.db"))
+    try:
+        for i, kind in enumerate(sizes):
+            store.put("k", value(kind, i))
+            got = store.lookup("k")
+            assert got is not None
+            assert (np.array_equal(got.value, value(kind, i)) if kind == "big" else got.value == value(kind, i))
+            files = os.listdir(store.blob_dir) if os.path.isdir(store.blob_dir) else []
+            assert len(files) == (1 if kind == "big" else 0), (i, files)
+            assert store.orphan_blobs() == []
+    finally:
+        store.close()
+
+
+def _record_shapes() -> list[dict[str, Any]]:
+    from ai2_kit.core.checkpoint._fingerprint import fingerprint
+
+    def one(i: int) -> int:
+        return i
+
+    def many(a: int, b: str = "é\"\n\u2028", *rest: Any, c: Any = None, **kw: Any) -> int:
+        return a
+
+    base = {"call_site": "/x/é.py:3", "crc32": "0011aabb", "created": 1.7e9 + 0.123, "duration": 5e-05,
+            "fn_name": "one", "format": 1, "fpd": "ab" * 16, "host": "h\u00f6st", "is_awaitable": False,
+            "key": "step/\u00e9/1", "pid": 4242, "run": "20260101T000000-h-1-abcd", "size": 1088,
+            "version": "0.1.0"}
+    fps = [
+        fingerprint(one, (1,), {}),
+        fingerprint(many, (1, "x", 2, 3), {"c": [1, 2], "zz": "y", "aa": 1.5}),
+        fingerprint(many, (1,), {"c": threading_lock()}),  # an unhashable argument
+        {"args": {}, "bc": "b", "code": None, "env": {}, "fn": "f", "unhashable": {}, "v": 2},
+    ]
+    out = []
+    for fp in fps:
+        out.append({**base, "fingerprint": fp})
+        out.append({**base, "fingerprint": fp, "is_awaitable": True, "duration": 0.0, "pid": 0})
+    return out
+
+
+def threading_lock() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+@pytest.mark.parametrize("meta", _record_shapes(), ids=lambda m: f"{m['fingerprint'].get('fn')}-{m['pid']}")
+def test_a_saves_record_has_the_general_encoders_text(meta: dict[str, Any]) -> None:
+    from ai2_kit.core.checkpoint._codec import _JSON, _save_record, meta_from_json, meta_to_json
+
+    for _ in range(2):  # uncached, then with the static parts' text cached
+        text = _save_record(meta)
+        assert text == _JSON.encode(meta)
+    assert meta_from_json(meta_to_json(meta)) == json.loads(_JSON.encode(meta))
+
+
+def test_other_records_take_the_general_encoder() -> None:
+    from ai2_kit.core.checkpoint._codec import _JSON, _save_record, meta_to_json
+
+    meta = _record_shapes()[0]
+    odd = [
+        {**meta, "mac": "x"},  # another field
+        {**meta, "duration": float("nan")},  # the encoder's NaN
+        {**meta, "created": float("inf")},
+        {**meta, "pid": True},  # a bool where an int is
+        {**meta, "size": 1.0},
+        {**meta, "fingerprint": {**meta["fingerprint"], "extra": 1}},
+        {**meta, "fingerprint": {**meta["fingerprint"], "args": {"x": 1}}},  # not a str
+        {k: v for k, v in meta.items() if k != "fpd"},
+    ]
+    for m in odd:
+        assert _save_record(m) is None
+        assert meta_to_json(m).endswith(_JSON.encode(m)[1:])
+
+
+def test_a_record_changed_in_place_is_written_as_it_is_now() -> None:
+    from ai2_kit.core.checkpoint._codec import _JSON, _save_record
+
+    meta = _record_shapes()[0]
+    assert _save_record(meta) == _JSON.encode(meta)
+    changed = {**meta, "fingerprint": dict(meta["fingerprint"])}
+    changed["fingerprint"]["env"] = {**changed["fingerprint"]["env"], "python": "0.0.0"}
+    assert '"python":"0.0.0"' in _save_record(changed)  # type: ignore[operator]
+    assert _save_record(changed) == _JSON.encode(changed)
+    helpers = {"h": ["a" * 32 + "." + "b" * 32, "one"]}
+    changed["fingerprint"]["helpers"] = helpers
+    assert _save_record(changed) == _JSON.encode(changed)
+    helpers["h"][1] = "other"  # mutated after its text was cached
+    assert _save_record(changed) == _JSON.encode(changed)
+
+
+def test_a_misss_record_the_short_way_equals_the_full_way() -> None:
+    from ai2_kit.core.checkpoint import _fingerprint as F
+
+    def step(a: int, b: str = "x", c: float = 1.5) -> int:
+        return a
+
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+        ((1,), {}), ((1, "y"), {}), ((1, "y", 2.5), {}), ((None, True, -3.0), {}), ((10**30,), {}),
+        (("z" * 40,), {}), ((1,), {"b": "q"}), (([1, 2],), {}),
+    ]
+    for args, kwargs in calls:
+        F._BASES.pop(step, None)
+        full = F.fingerprint(step, args, kwargs)  # no cached parts: the full way
+        assert step in F._BASES
+        short = F.fingerprint(step, args, kwargs)
+        assert short == full and short.digest == full.digest and short.legacy_args == full.legacy_args
+        assert short.fn_obj is step
+        if not kwargs:
+            assert F.hit_digest(step, args, kwargs) in (None, short.digest)
+    # The cached parts are never handed out to be changed.
+    a, b = F.fingerprint(step, (1,), {}), F.fingerprint(step, (1,), {})
+    a["args"]["a"] = "changed"
+    assert b["args"]["a"] == "1"
+
+
+def test_a_miss_after_hit_digest_builds_the_same_record_and_never_a_stale_one() -> None:
+    from ai2_kit.core.checkpoint import _fingerprint as F
+
+    def step(a: int, b: int = 2) -> int:
+        return a + b
+
+    F.fingerprint(step, (0,), {})  # caches the parts
+    args = (1,)
+    digest = F.hit_digest(step, args, {})
+    rec = F.fingerprint(step, args, {})  # from what hit_digest worked out
+    F._BASES.pop(step, None)
+    full = F.fingerprint(step, args, {})
+    assert digest == rec.digest == full.digest and rec == full
+    # Worked out, then the defaults changed: the record says what the call is now.
+    assert F.hit_digest(step, args, {}) is not None
+    step.__defaults__ = (3,)
+    rec = F.fingerprint(step, args, {})
+    assert rec["args"] == {"a": "1", "b": "3"}
+    F._BASES.pop(step, None)
+    assert rec == F.fingerprint(step, args, {}) and rec.digest == F.fingerprint(step, args, {}).digest
+    # Another call's (another tuple of the same values): built again, the same.
+    assert F.hit_digest(step, (1,), {}) is not None
+    assert F.fingerprint(step, tuple([1]), {}) == rec
+
+
+def test_a_save_never_joins_a_transaction_left_open_on_its_connection(tmp_path: Path) -> None:
+    # Its one statement would then commit nothing, and put() would return
+    # for an entry that a close or a crash rolls back.
+    from ai2_kit.core.checkpoint import SaveError
+
+    store = SQLiteStore(str(tmp_path / "c.db"))
+    try:
+        store.put("a", 1)
+        conn = store._conns.get()
+        conn.execute("BEGIN")  # as an interrupted transaction would leave it
+        with pytest.raises(SaveError):
+            store.put("b", 2)
+        conn.execute("ROLLBACK")
+        store.put("b", 2)
+    finally:
+        store.close()
+    other = sqlite3.connect(tmp_path / "c.db")
+    try:
+        assert [k for (k,) in other.execute("SELECT key FROM entries ORDER BY key")] == ["a", "b"]
+    finally:
+        other.close()

@@ -175,6 +175,9 @@ INLINE_MAX_BYTES = 64 * 1024
 INLINE_BUDGET_S = 0.005
 #: Stores whose reads are local (a network round trip never runs on the loop).
 _LOCAL_KINDS = ("sqlite", "directory")
+#: What steps usually return, none of them awaitable: no ABC check for them
+#: (``inspect.isawaitable`` costs a few isinstance checks, one against an ABC).
+_NOT_AWAITABLE = frozenset((dict, list, tuple, str, bytes, int, float, bool, type(None), set))
 _BIG_ARG = 256 * 1024
 #: Async calls started per turn of the loop (and waiting ones let in per turn).
 _LANE_WAKE = 32
@@ -679,7 +682,10 @@ class Checkpointer:
 
     def save(self, key: str, value: Any, **fields: Any) -> bool:
         """Save a step's result; on failure warn (or raise in strict mode)."""
-        run = self.run
+        # No getpid() per save either (see log_hit): a child's hook drops the parent's recorder.
+        run = self._run
+        if run is None:
+            run = self.run
         try:
             self.store.put(key, value, run=run.id, **fields)
             run.ran(fields.get("duration") or 0.0)
@@ -1491,7 +1497,7 @@ class CheckpointedFunction:
                     return _ready(value) if meta.get("is_awaitable") else value
             started = time.perf_counter()
             ret = fn(*args, **kwargs)
-            if inspect.isawaitable(ret):
+            if type(ret) not in _NOT_AWAITABLE and inspect.isawaitable(ret):
                 # A plain function that returned an awaitable: like the reference,
                 # save what it resolves to, and hand back an awaitable on hits.
                 if flight is not None:

@@ -391,6 +391,19 @@ def fingerprint(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
     >>> sorted(rec), rec["fn"], rec["args"]
     (['args', 'bc', 'code', 'env', 'fn', 'unhashable', 'v'], 'f', {'x': '1'})
     """
+    # A save's usual call: the parts cached, short scalar arguments.
+    short = _short_inputs(fn, args, kwargs)
+    if short is not None:
+        (base, static), digests = short
+        rec = Record(base)
+        if "helpers" in rec:
+            rec["helpers"] = dict(rec["helpers"])
+        inputs = {"args": digests, "unhashable": {}}
+        rec.update(inputs)
+        rec.fn_obj = fn
+        rec.legacy_args = {}  # short scalars digest the same under version 1 rules
+        rec.digest = call_digest(static, inputs)
+        return rec
     inputs, legacy_args = _inputs(fn, args, kwargs)
     plain = type(fn) is types.FunctionType and "__wrapped__" not in fn.__dict__
     got = _BASES.get(fn) if plain else None
@@ -420,6 +433,44 @@ def fingerprint(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str,
 #: for functions with keyword-only parameters (bound the general way).
 _HEADS: Dict[types.CodeType, Any] = {}
 _blake2b = hashlib.blake2b
+
+
+def _short_inputs(
+    fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]
+) -> Optional[Tuple[Tuple[Dict[str, Any], bytes], Dict[str, str]]]:
+    """((cached record parts, static digest), argument fingerprints) the short way, or None.
+
+    ``hit_digest``'s conditions and rules (a plain function with valid cached
+    parts, no keywords, every argument kept as its ``repr``): the same
+    argument fingerprints ``_inputs`` gives then, without unwrapping, the
+    walk, or the version-1 digests (which short scalars do not have). A miss
+    builds its record this way after ``hit_digest`` found no entry.
+    """
+    if kwargs or type(fn) is not types.FunctionType or "__wrapped__" in fn.__dict__:
+        return None
+    got = _BASES.get(fn)
+    if got is None:
+        return None
+    valid = (id(fn.__defaults__), id(fn.__kwdefaults__)) if fn.__closure__ is None else _validity([fn])
+    if got[0] != valid:
+        return None
+    lay = _LAYOUTS.get(fn.__code__)
+    if lay is not None and len(args) == len(lay.pos) and not lay.kwonly:
+        names: Any = lay.pos
+        values: Any = args
+    else:
+        try:
+            bound = _bind_function(fn, args, kwargs)
+        except _BindError:
+            return None
+        names, values = bound.keys(), bound.values()
+    digests: Dict[str, str] = {}
+    for name, value in zip(names, values):
+        r = _inline(value)
+        if r is None:
+            return None
+        digests[name] = r
+    return (got[1], got[2]), digests
 
 
 def hit_digest(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[str]:
@@ -469,17 +520,8 @@ def hit_digest(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
                 parts.append(head + repr(r))
             text = "({" + ", ".join(parts) + "}, {})"
             return _blake2b(got[2] + text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-        bound = _bind_function(fn, args, kwargs)
-        names, values = bound.keys(), bound.values()
-        digests: Dict[str, str] = {}
-        for name, value in zip(names, values):
-            r = _inline(value)
-            if r is None:
-                return None  # the canonical walk's business (and its cases: unhashable, legacy)
-            digests[name] = r
-        return call_digest(got[2], {"args": digests, "unhashable": {}})
-    except _BindError:
-        return None  # named arg0, arg1...: fingerprint does that
+        short = _short_inputs(fn, args, kwargs)  # None: the canonical walk's business
+        return None if short is None else call_digest(got[2], {"args": short[1], "unhashable": {}})
     except Exception:  # never let a staleness check break a workflow: the full way decides
         return None
 

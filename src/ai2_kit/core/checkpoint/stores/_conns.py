@@ -195,6 +195,26 @@ class ThreadConnections(Generic[C]):
         finally:
             gate.leave(depth)
 
+    def change(self, sql: str, params: Any) -> int:
+        """Run one statement that writes, inside the gate; returns how many rows it changed.
+
+        A lone save's path (SQLite): one call for the gate, the connection and
+        the statement, meant to be a transaction of its own. -1, without running
+        it, when the connection is inside a transaction already (left open by an
+        interrupted one): the statement would join it, and nothing would commit.
+        """
+        gate = self.gate
+        depth = gate.enter()
+        try:
+            conn: Any = getattr(self._local, "conn", None) if os.getpid() == self._pid else None
+            if conn is None:
+                conn = self.get()
+            if conn.in_transaction:
+                return -1
+            return int(conn.execute(sql, params).rowcount)
+        finally:
+            gate.leave(depth)
+
     def current(self) -> C | None:
         """This thread's connection if it has one, without opening any."""
         return getattr(self._local, "conn", None) if os.getpid() == self._pid else None
@@ -355,11 +375,14 @@ class GroupCommit(Generic[T, R]):
         self,
         write: Callable[[list[T]], list[R]],
         *,
+        write_one: Optional[Callable[[T], R]] = None,
         max_items: int = 512,
         max_bytes: int = 32 << 20,
         shared_failure: Callable[[BaseException], bool] = lambda e: False,
     ) -> None:
         self._write = write
+        # A lone caller's item: ``write([item])[0]``, or a cheaper way the writer has for one item.
+        self._write_one = write_one if write_one is not None else (lambda item: write([item])[0])
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._shared_failure = shared_failure
@@ -414,11 +437,12 @@ class GroupCommit(Generic[T, R]):
         try:
             t0 = time.monotonic()
             self.batches += 1
-            result = self._write([item])[0]
+            result = self._write_one(item)
             self._delay = time.monotonic() - t0
-            threads = {threading.get_ident()}
-            self._target = len(threads | self._last_threads)
-            self._last_threads = threads
+            me, last = threading.get_ident(), self._last_threads
+            if len(last) != 1 or me not in last:  # else: the same thread as last time, nothing changes
+                self._target = len(last | {me})
+                self._last_threads = {me}
             return result
         finally:
             with self._lock:

@@ -110,6 +110,17 @@ _HIT_COLUMNS = (("fpd", "TEXT"), ("hcrc", "INTEGER"), ("dur", "REAL"), ("aw", "I
 _INSERT = ("INSERT OR REPLACE INTO entries (key, created, meta, value, blob, fpd, hcrc, dur, aw) "
            "VALUES (?,?,?,?,?,?,?,?,?)")
 _INSERT_OLD = "INSERT OR REPLACE INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)"
+#: A lone save's one statement (its own transaction): a new row, or one that
+#: replaces a row without a side file; a row that names one is left as it was
+#: (no change counted) for ``_write_rows``, which reads the name to remove the
+#: file once the replacing row has committed. (UPSERT: SQLite 3.24.)
+_UPSERT = (
+    "INSERT INTO entries (key, created, meta, value, blob, fpd, hcrc, dur, aw) VALUES (?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (key) DO UPDATE SET created=excluded.created, meta=excluded.meta, value=excluded.value, "
+    "blob=excluded.blob, fpd=excluded.fpd, hcrc=excluded.hcrc, dur=excluded.dur, aw=excluded.aw "
+    "WHERE entries.blob IS NULL"
+)
+_HAS_UPSERT = sqlite3.sqlite_version_info >= (3, 24, 0)
 # The digest is compared by SQLite, on the row the key's index found; no
 # row is a miss, settled by this one query (a miss runs a step and saves).
 # The third column is ``hcrc * 2 + aw`` when the digest matches and the
@@ -178,7 +189,8 @@ def _fast_value(row: Any, kcrc: int) -> Any:
 class SQLiteStore(Store):
     """A checkpoint store in one SQLite file (the default of ``set_checkpoint_file``).
 
-    Every entry is written in a ``BEGIN IMMEDIATE`` transaction with
+    Every entry is written in a transaction of its own (a lone save's one
+    statement, or ``BEGIN IMMEDIATE`` ... ``COMMIT``) with
     ``synchronous=EXTRA`` (FULL, plus a sync of the folder after a rollback
     journal is removed): once ``put`` returns, the entry survives a kill or a
     power cut. Saves that arrive together from several threads share one
@@ -209,7 +221,8 @@ class SQLiteStore(Store):
         # Connections per thread, closed with their thread and before any fork;
         # saves that arrive together share one commit (stores/_conns.py).
         self._conns = ThreadConnections(self._open_conn, _close_quietly, close_at_fork=True)
-        self._commits: GroupCommit[_Row, str | None] = GroupCommit(self._write_rows, shared_failure=_is_busy)
+        self._commits: GroupCommit[_Row, str | None] = GroupCommit(
+            self._write_rows, write_one=self._write_one, shared_failure=_is_busy)
         if os.path.isdir(path):
             raise NotACheckpointStoreError(
                 path, "it is a directory", "Use set_checkpoint_dir() for a directory store"
@@ -541,6 +554,25 @@ class SQLiteStore(Store):
         # batch it was in: the file is kept; at worst an orphan for 'verify'.)
         if old is not None:
             self._unlink_blob(old)
+
+    def _write_one(self, row: _Row) -> str | None:
+        """``_write_rows([row])[0]`` for a lone save, in one statement where it can be.
+
+        An INSERT outside ``BEGIN`` is a transaction of its own, as atomic and
+        as durable (the same commit, the same one fsync) as one between
+        ``BEGIN IMMEDIATE`` and ``COMMIT``, and takes the write lock the same
+        way (waiting on a busy writer with the busy timeout): two statements
+        fewer. It cannot say which side file it replaced, so it changes no
+        row that names one (``_UPSERT``): that case, a file without the hit
+        columns yet, and an SQLite older than 3.24 go through ``_write_rows``.
+        """
+        if not self._hit_cols or not _HAS_UPSERT or self.closed:
+            return self._write_rows([row])[0]  # (which also says that the store is closed)
+        if self._conns.change(_UPSERT, row) == 1:
+            return None  # inserted, or replaced a row without a side file
+        # The row it would replace names a side file (or a transaction was left
+        # open on this connection: BEGIN IMMEDIATE then fails, as it always did).
+        return self._write_rows([row])[0]
 
     def _write_rows(self, rows: list[_Row]) -> list[str | None]:
         """Commit ``rows`` in one transaction; returns each one's replaced side file (or None)."""
