@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from _sql_trace import statements
 from ai2_kit.core.checkpoint import Checkpointer
 from ai2_kit.core.checkpoint._codec import meta_to_json
 from ai2_kit.core.checkpoint.stores import _sqlite
@@ -262,13 +263,7 @@ def test_an_entry_saved_without_fingerprints_is_any_calls(tmp_path: Path, monkey
 
 def _entry_selects(conn: sqlite3.Connection, run: Any) -> list[str]:
     """The statements on the entries table that ``run()`` made on ``conn``."""
-    seen: list[str] = []
-    conn.set_trace_callback(seen.append)
-    try:
-        run()
-    finally:
-        conn.set_trace_callback(None)
-    return [s for s in seen if "FROM entries" in s]
+    return [s for s in statements(conn, run) if "FROM entries" in s]
 
 
 @pytest.mark.parametrize("stale", ["warn", "ignore"])

@@ -15,6 +15,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
+from _sql_trace import statements
 from ai2_kit.core.checkpoint import Checkpointer
 from ai2_kit.core.checkpoint._codec import _PLAIN_MAX, _is_plain, decode_bytes, encode
 from ai2_kit.core.checkpoint.stores import SQLiteStore
@@ -248,16 +249,6 @@ def test_a_new_store_is_born_in_its_journal_mode_and_leaves_no_temporary_files(
 # -- a lone save's one statement, its metadata text, its fingerprint record (issue 15, save) -----
 
 
-def _statements(conn: sqlite3.Connection, run: Any) -> list[str]:
-    seen: list[str] = []
-    conn.set_trace_callback(seen.append)
-    try:
-        run()
-    finally:
-        conn.set_trace_callback(None)
-    return seen
-
-
 def test_a_lone_save_is_one_statement_of_its_own(tmp_path: Path) -> None:
     # It was BEGIN IMMEDIATE, INSERT, COMMIT: an INSERT outside BEGIN is a
     # transaction of its own, with the same one commit (and fsync).
@@ -267,12 +258,12 @@ def test_a_lone_save_is_one_statement_of_its_own(tmp_path: Path) -> None:
     with Checkpointer(tmp_path / "c.db") as ck:
         ck("k/0")(step)(0)  # the first save may add columns and make the connection
         conn = ck.store._conns.get()
-        seen = _statements(conn, lambda: ck("k/1")(step)(1))
+        seen = statements(conn, lambda: ck("k/1")(step)(1))
         writes = [s for s in seen if not s.lstrip().upper().startswith("SELECT")]
         assert len(writes) == 1 and writes[0].startswith("INSERT INTO entries"), seen
         assert not conn.in_transaction
         # Overwriting a row without a side file: the same one statement.
-        seen = _statements(conn, lambda: ck("k/1", stale="rerun")(step)(2))
+        seen = statements(conn, lambda: ck("k/1", stale="rerun")(step)(2))
         writes = [s for s in seen if not s.lstrip().upper().startswith("SELECT")]
         assert len(writes) == 1 and writes[0].startswith("INSERT INTO entries"), seen
     with Checkpointer(tmp_path / "c.db") as ck:

@@ -435,6 +435,18 @@ _HEADS: Dict[types.CodeType, Any] = {}
 _blake2b = hashlib.blake2b
 
 
+def _valid_base(fn: types.FunctionType) -> Optional[Tuple[Any, Dict[str, Any], bytes]]:
+    """A plain function's cached record parts (``_BASES``) while they still hold, else None."""
+    if "__wrapped__" in fn.__dict__:
+        return None
+    got = _BASES.get(fn)
+    if got is None:
+        return None
+    # _validity([fn]), written out for the common function without a closure.
+    valid = (id(fn.__defaults__), id(fn.__kwdefaults__)) if fn.__closure__ is None else _validity([fn])
+    return got if got[0] == valid else None
+
+
 def _short_inputs(
     fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]
 ) -> Optional[Tuple[Tuple[Dict[str, Any], bytes], Dict[str, str]]]:
@@ -446,13 +458,10 @@ def _short_inputs(
     walk, or the version-1 digests (which short scalars do not have). A miss
     builds its record this way after ``hit_digest`` found no entry.
     """
-    if kwargs or type(fn) is not types.FunctionType or "__wrapped__" in fn.__dict__:
+    if kwargs or type(fn) is not types.FunctionType:
         return None
-    got = _BASES.get(fn)
+    got = _valid_base(fn)
     if got is None:
-        return None
-    valid = (id(fn.__defaults__), id(fn.__kwdefaults__)) if fn.__closure__ is None else _validity([fn])
-    if got[0] != valid:
         return None
     lay = _LAYOUTS.get(fn.__code__)
     if lay is not None and len(args) == len(lay.pos) and not lay.kwonly:
@@ -487,14 +496,8 @@ def hit_digest(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, 
     if kwargs or type(fn) is not types.FunctionType:
         return None
     try:
-        if "__wrapped__" in fn.__dict__:
-            return None
-        got = _BASES.get(fn)
+        got = _valid_base(fn)
         if got is None:
-            return None
-        # _validity([fn]), written out for the common function without a closure.
-        valid = (id(fn.__defaults__), id(fn.__kwdefaults__)) if fn.__closure__ is None else _validity([fn])
-        if got[0] != valid:
             return None
         code = fn.__code__
         heads: Any = _HEADS.get(code)
