@@ -348,7 +348,7 @@ def test_newer_format_opens_read_only(tmp_path: Path, caplog: pytest.LogCaptureF
     assert issubclass(NewerFormatError, CheckpointError)
 
 
-def test_concurrent_creation_of_one_file(tmp_path: Path) -> None:
+def test_concurrent_creation_of_one_file(tmp_path: Path, reap: Any) -> None:
     """Several processes creating the same new store at once: one file, all writes land."""
     path = tmp_path / "new.db"
     script = textwrap.dedent(
@@ -359,7 +359,7 @@ def test_concurrent_creation_of_one_file(tmp_path: Path) -> None:
         apply_checkpoint("k" + sys.argv[1])(lambda: sys.argv[1])()
         """
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stderr=subprocess.PIPE) for i in range(6)]
+    procs = reap([subprocess.Popen([sys.executable, "-c", script, str(i)], stderr=subprocess.PIPE) for i in range(6)])
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err

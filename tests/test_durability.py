@@ -124,10 +124,10 @@ def _equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def test_processes_tasks_and_threads_all_land(store_factory: Callable[..., Store]) -> None:
+def test_processes_tasks_and_threads_all_land(store_factory: Callable[..., Store], reap: Any) -> None:
     """4 processes, each with 8 asyncio tasks and 4 threads, distinct keys: all land."""
     count = 10
-    procs = [spawn("mixed", store_factory, f"p{p}", count) for p in range(4)]
+    procs = reap([spawn("mixed", store_factory, f"p{p}", count) for p in range(4)])
     for proc in procs:
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err
@@ -142,8 +142,8 @@ def test_processes_tasks_and_threads_all_land(store_factory: Callable[..., Store
         assert hit is not None and hit.value == int(key.rsplit("k", 1)[1])
 
 
-def test_same_key_from_many_writers_corrupts_nothing(store_factory: Callable[..., Store]) -> None:
-    procs = [spawn("overwriter", store_factory, "shared", 30) for _ in range(4)]
+def test_same_key_from_many_writers_corrupts_nothing(store_factory: Callable[..., Store], reap: Any) -> None:
+    procs = reap([spawn("overwriter", store_factory, "shared", 30) for _ in range(4)])
     for proc in procs:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err

@@ -303,7 +303,7 @@ def test_set_checkpoint_file_with_url(pg_url: str, schema: str) -> None:
     assert ckpt is not None and ckpt.store.kind == "postgres"
 
 
-def test_schema_creation_races_from_four_processes(pg_url: str, schema: str) -> None:
+def test_schema_creation_races_from_four_processes(pg_url: str, schema: str, reap: Any) -> None:
     code = """
         import sys, time
         from ai2_kit.core.checkpoint.stores._postgres import PostgresStore
@@ -316,11 +316,11 @@ def test_schema_creation_races_from_four_processes(pg_url: str, schema: str) -> 
     """
     start = time.time() + 1.5
     env = dict(os.environ, PYTHONWARNINGS="error")
-    procs = [
+    procs = reap([
         subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), pg_url, schema, str(start), str(i)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         for i in range(4)
-    ]
+    ])
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.strip() == "ok", err

@@ -8,6 +8,7 @@ points, on real files.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import sqlite3
@@ -117,6 +118,58 @@ def test_reference_dir_with_user_files_lists_only_the_reference_entries(tmp_path
     assert cli("load", str(folder), "-", "rm", "*").code == 0
     assert (folder / "a" / "plot.pkl").exists() and (folder / "README").exists() and not marker.exists()
     assert not (folder / "a" / "x").exists() and not (folder / "b").exists()
+
+
+def test_a_marker_that_appears_while_the_folder_is_examined_is_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Several processes opening one new folder at once: one finds no marker, another writes
+    # it, and the first then meets it while walking the folder. Found by a CI run, where the
+    # walker refused the store as somebody's folder "holding '.ai2-kit-checkpoint'".
+    folder = tmp_path / "ckpt.d"
+    with DirectoryStore(str(folder)) as s:
+        s.put("k", 1)
+    (folder / "k.ckpt").unlink()  # only the marker is left: the walk finds nothing else
+    real = os.path.lexists
+    # The other process's marker lands right after this one looked for it.
+    monkeypatch.setattr(os.path, "lexists", lambda p: False if str(p).endswith(".ai2-kit-checkpoint") else real(p))
+    with DirectoryStore(str(folder)) as s:
+        assert s.keys() == [] and s.layout == "current"
+        s.put("k", 2)
+    monkeypatch.undo()
+    (folder / ".ai2-kit-checkpoint").write_text("not ours")
+    monkeypatch.setattr(os.path, "lexists", lambda p: False if str(p).endswith(".ai2-kit-checkpoint") else real(p))
+    (folder / "k.ckpt").unlink()
+    with pytest.raises(NotACheckpointStoreError, match="marker file .ai2-kit-checkpoint is unreadable"):
+        DirectoryStore(str(folder))
+
+
+def _open_and_put(root: str, barrier: Any, errors: Any) -> None:
+    barrier.wait(30)
+    try:
+        with DirectoryStore(root) as s:
+            s.put(f"p{os.getpid()}", 1)
+        errors.put("")
+    except Exception as e:  # reported to the test
+        errors.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_creating_one_directory_store_at_once_all_open_it(tmp_path: Path) -> None:
+    # The same race with real processes: 6 open a new folder together, 10 times (the old
+    # code refused the store in about one round of five).
+    ctx = multiprocessing.get_context("fork")
+    for r in range(10):
+        root = str(tmp_path / f"r{r}" / "ckpt.d")
+        barrier, errors = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_put, args=(root, barrier, errors)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        got = [errors.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert [e for e in got if e] == [], f"round {r}"
+        with DirectoryStore(root) as s:
+            assert len(s.keys()) == 6
 
 
 def test_empty_and_new_folders_are_stores_and_adopt_takes_any(tmp_path: Path) -> None:

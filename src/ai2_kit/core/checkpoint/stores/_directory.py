@@ -255,6 +255,11 @@ class DirectoryStore(Store):
                 if _is_our_temp(name):
                     continue
                 path = os.path.join(dirpath, name)
+                if name == MARKER and dirpath == self.root:
+                    # Written since ``__init__`` looked for it (another process creating
+                    # this store at the same time): judged as the marker, not a stranger.
+                    self._read_marker(path)
+                    return
                 if name.endswith(SUFFIX) and _is_our_entry_file(path):
                     self.layout = "current"
                     return
