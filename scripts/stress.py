@@ -9,6 +9,7 @@ up through environment variables and collects the figures they print.
     python scripts/stress.py                  # long run (about 45 minutes, power cuts 13 of them)
     python scripts/stress.py --quick          # CI-sized, a few minutes
     python scripts/stress.py --markdown docs/reliability-table.md
+    python scripts/stress.py --fuzz 2000      # only the record fuzz test, 2000 rounds per store kind
 """
 
 from __future__ import annotations
@@ -60,7 +61,15 @@ def main() -> int:
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("-k", default="", help="pytest -k expression to select scenarios or stores")
     parser.add_argument("--parse", metavar="LOG", help="only rebuild the table from a saved stress.log")
+    parser.add_argument("--fuzz", type=int, metavar="ROUNDS",
+                        help="only the fuzz test of records and outputs (tests/test_records.py), ROUNDS rounds "
+                             "per store kind; AI2_KIT_FUZZ_SEED picks another seed")
     args = parser.parse_args()
+    if args.fuzz:
+        env = dict(os.environ, AI2_KIT_FUZZ_ROUNDS=str(args.fuzz))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=0",
+               "tests/test_records.py::test_fuzz_records"]
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if args.parse:
         with open(args.parse, encoding="utf-8") as f:
             print("\n".join(make_table(f.read())))

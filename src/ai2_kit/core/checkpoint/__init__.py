@@ -224,8 +224,9 @@ def _default_from_env() -> Optional[Checkpointer]:
         if not text:
             return None
         try:
+            _check_env_description(text)
             spec = StoreSpec.from_env(text)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:
             location = text
             try:
                 location = str(json.loads(text).get("location", text))
@@ -235,6 +236,32 @@ def _default_from_env() -> Optional[Checkpointer]:
             return None
         _default = checkpointer_for(spec)
         return _default
+
+
+def _check_env_description(text: str) -> None:
+    """Refuse (ValueError) a ``DEFAULT_ENV`` description whose fields would not open the store it names.
+
+    The variable is inherited by every child process, so a wrong one must
+    cost a WARNING and checkpoints, never an exception out of a step; and an
+    empty location would quietly make a store in the current folder.
+    """
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError("not a store description (a JSON object)")
+    location = d.get("location")
+    if not isinstance(location, str) or not location.strip():
+        raise ValueError(f"'location' must name a store, not {location!r}")
+    if not isinstance(d.get("store_options") or {}, dict):
+        raise ValueError(f"'store_options' must be an object, not {d['store_options']!r}")
+    for name, kind in (("prefer", str), ("stale", str), ("environment", str)):
+        if name in d and not isinstance(d[name], kind):
+            raise ValueError(f"{name!r} must be text, not {d[name]!r}")
+    for name in ("readonly", "strict", "dedup", "signed"):
+        if name in d and not isinstance(d[name], bool):
+            raise ValueError(f"{name!r} must be true or false, not {d[name]!r}")
+    lease = d.get("lease", 60.0)
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease < float("inf"):
+        raise ValueError(f"'lease' must be a positive number of seconds, not {lease!r}")
 
 
 def reset_checkpoint() -> None:

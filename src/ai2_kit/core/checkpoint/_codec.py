@@ -726,7 +726,10 @@ def meta_from_json(text: str | bytes) -> dict[str, Any]:
     body = "{" + text[n + 10 :] if text[n + 8 : n + 10] == '",' else "{}"
     if f"{zlib.crc32(body.encode('utf-8', 'surrogatepass')):08x}" != text[n : n + 8]:
         raise ValueError("the metadata record fails its checksum")
-    meta = json.loads(body)
+    try:
+        meta = json.loads(body)
+    except RecursionError:  # a crafted record: listing goes on past it as a damaged one
+        raise ValueError("the metadata record is nested too deeply") from None
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a JSON object")
     return meta

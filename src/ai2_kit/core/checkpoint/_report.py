@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import bisect
 import html
-import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ._ops import format_duration, format_size
-from .stores._fs import replace_file
+from ._ops import MAX_TIME, count, format_duration, format_size, number, printable, when
+from ._runs import mask_argv
+from .stores._base import clean_run
+from .stores._fs import file_kind, replace_file
 
 __all__ = ["render_report", "write_report", "Step", "steps_from_metas", "lane_of"]
 
@@ -76,14 +78,14 @@ def steps_from_metas(
         if "damaged" in meta:
             damaged.append(meta)
             continue
-        end = meta.get("created")
-        if not isinstance(end, (int, float)) or isinstance(end, bool) or not math.isfinite(end):
-            untimed.append(meta)  # a reference-format entry: no times recorded
+        # Any value may be in a record: only a time from 1970 to 9999 is drawn.
+        end = number(meta.get("created"), high=MAX_TIME)
+        if end is None:
+            untimed.append(meta)  # a reference-format entry: no times recorded (or none usable)
             continue
-        dur = meta.get("duration")
-        dur = float(dur) if isinstance(dur, (int, float)) and not isinstance(dur, bool) and dur >= 0 else 0.0
+        dur = number(meta.get("duration"), high=end) or 0.0
         run = meta.get("run")
-        steps.append(Step(str(meta["key"]), float(end) - dur, float(end), run if isinstance(run, str) else None, meta))
+        steps.append(Step(str(meta["key"]), end - dur, end, run if isinstance(run, str) else None, meta))
     return steps, damaged, untimed
 
 
@@ -129,28 +131,27 @@ class _Axis:
 
 # -- pieces of the page -----------------------------------------------------------
 def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    """Text from a store for the page: ``printable`` (as on the terminal), then HTML-escaped."""
+    return html.escape(printable(text), quote=True)
 
 
-def _when(t: object) -> str:
-    if not isinstance(t, (int, float)) or isinstance(t, bool):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+_when = when
 
 
 def _bar_title(step: Step) -> str:
     m = step.meta
+    # Each field escaped on its own: the lines are the tooltip's, never the record's.
     lines = [
-        step.key,
-        f"function: {m.get('fn_name', '-')}",
-        f"call site: {m.get('call_site', '-')}",
+        printable(step.key),
+        f"function: {printable(m.get('fn_name', '-'))}",
+        f"call site: {printable(m.get('call_site', '-'))}",
         f"duration: {format_duration(step.end - step.start)}",
         f"size: {format_size(m.get('size'))}",
-        f"host: {m.get('host', '-')}",
+        f"host: {printable(m.get('host', '-'))}",
         f"saved: {_when(step.end)}",
     ]
     if step.run:
-        lines.append(f"run: {step.run}")
+        lines.append(f"run: {printable(step.run)}")
     return "\n".join(lines)
 
 
@@ -234,7 +235,7 @@ def _row_bars(placed: list[_Placed], y: float, colours: dict[str, str]) -> list[
         total = sum(s.end - s.start for _, _, s in group)
         runs = {s.run for _, _, s in group}
         colour = colours.get(next(iter(runs)) or "", NO_RUN_COLOUR) if len(runs) == 1 else NO_RUN_COLOUR
-        keys = [s.key for _, _, s in group]
+        keys = [printable(s.key) for _, _, s in group]
         title = (f"{len(group)} steps in this pixel, {format_duration(total)} in all\n"
                  + "\n".join(keys[:5]) + ("\n..." if len(keys) > 5 else ""))
         out.append(_rect(float(col), 1.0, y, h, colour, f'class="bar agg" data-count="{len(group)}"', title))
@@ -243,7 +244,7 @@ def _row_bars(placed: list[_Placed], y: float, colours: dict[str, str]) -> list[
 
 def _rect(x: float, w: float, y: float, h: float, colour: str, attrs: str, title: str) -> str:
     return (f'<rect {attrs} x="{LABEL_WIDTH + x:.2f}" y="{y + 1.5:.1f}" width="{w:.2f}" height="{h:.1f}" '
-            f'fill="{colour}"><title>{_e(title)}</title></rect>')
+            f'fill="{colour}"><title>{html.escape(title)}</title></rect>')  # title: fields already printable
 
 
 @dataclass
@@ -259,7 +260,7 @@ def _key_tree(steps: list[Step], untimed: list[dict[str, Any]]) -> str:
     for key, size, dur in [(s.key, s.meta.get("size"), s.end - s.start) for s in steps] + [
         (str(m["key"]), m.get("size"), 0.0) for m in untimed
     ]:
-        size = size if isinstance(size, int) and not isinstance(size, bool) else 0
+        size = count(size) or 0
         node = root
         for part in key.split("/")[:MAX_TREE_DEPTH]:
             node = node.children.setdefault(part, _Node())
@@ -301,17 +302,32 @@ def _runs_table(runs: list[dict[str, Any]], colours: dict[str, str]) -> str:
     for r in runs:
         rid = str(r.get("id", "?"))
         started, last = r.get("started"), r.get("last")
-        lasted = last - started if isinstance(started, (int, float)) and isinstance(last, (int, float)) else None
+        lasted = last - started if started is not None and last is not None and last >= started else None
         out.append(
             f'<tr data-run="{_e(rid)}"><td><span class="swatch" style="background:{colours.get(rid, NO_RUN_COLOUR)}">'
             f"</span></td><td>{_e(rid)}</td><td>{_e(_when(started))}</td><td>{_e(format_duration(lasted))}</td>"
-            f"<td>{_e(r.get('host', '-'))}</td><td>{_e(r.get('pid', '-'))}</td><td>{_e(r.get('user', '-'))}</td>"
-            f"<td>{_e(r.get('steps_run', 0))}</td><td>{_e(r.get('hits', 0))}</td><td>{_e(r.get('stale', 0))}</td>"
-            f"<td>{_e(r.get('reruns', 0))}</td><td>{_e(r.get('save_failures', 0))}</td>"
-            f"<td>{_e(format_duration(r.get('saved_seconds', 0.0)))}</td>"
-            f"<td class=\"cmd\">{_e(' '.join(map(str, r.get('argv') or [])))}</td></tr>")
+            f"<td>{_e(_or_dash(r.get('host')))}</td><td>{_e(_or_dash(r.get('pid')))}</td>"
+            f"<td>{_e(_or_dash(r.get('user')))}</td><td>{_e(_or_dash(r.get('steps_run')))}</td>"
+            f"<td>{_e(_or_dash(r.get('hits')))}</td><td>{_e(_or_dash(r.get('stale')))}</td>"
+            f"<td>{_e(_or_dash(r.get('reruns')))}</td><td>{_e(_or_dash(r.get('save_failures')))}</td>"
+            f"<td>{_e(format_duration(r.get('saved_seconds')))}</td>"
+            f"<td class=\"cmd\">{_e(command_line(r.get('argv')))}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
+
+
+def _or_dash(value: object) -> object:
+    return "-" if value is None else value
+
+
+def command_line(argv: object) -> str:
+    """A run's command line as shown (``runs``, the report): secrets masked, '-' when none was recorded.
+
+    Masked again here: records written before masking hold the line verbatim.
+    """
+    if not isinstance(argv, list) or not argv:
+        return "-"
+    return " ".join(mask_argv(argv))
 
 
 def _problems(runs: list[dict[str, Any]], damaged: list[dict[str, Any]]) -> str:
@@ -372,11 +388,12 @@ def render_report(
     Returns the page as a string (UTF-8 when written).
     """
     steps, damaged, untimed = steps_from_metas(metas)
-    runs = sorted(runs, key=lambda r: r.get("started") or 0)
+    # Checked again here (``Store.iter_runs`` did): scripts may pass any records.
+    runs = sorted(filter(None, map(clean_run, runs)), key=lambda r: (r["started"] or 0.0, r["id"]))
     colours = {str(r.get("id")): PALETTE[i % len(PALETTE)] for i, r in enumerate(runs)}
-    total_size = sum(s.meta.get("size") or 0 for s in steps if isinstance(s.meta.get("size"), int))
+    total_size = sum(count(s.meta.get("size")) or 0 for s in steps)
     total_time = sum(s.end - s.start for s in steps)
-    saved = sum(float(r.get("saved_seconds") or 0.0) for r in runs)
+    saved = sum(r["saved_seconds"] or 0.0 for r in runs)
     heading = title or f"Checkpoints in {location}"
     parts = [
         "<!DOCTYPE html>",
@@ -408,6 +425,29 @@ def render_report(
 def write_report(
     out: str, location: str, metas: Iterable[dict[str, Any]], runs: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """Render the page and write it to ``out`` whole or not at all (temp file, then rename)."""
+    """Render the page and write it to ``out`` whole or not at all (temp file, then rename).
+
+    ``out`` must be a new name or a regular file, which is replaced. A link,
+    FIFO, device or folder there raises ValueError and is left alone: a
+    rename would put the page in the place of a device node or a FIFO that
+    something else relies on, and following a link writes where someone
+    else chose.
+    """
+    if not out:
+        raise ValueError("the report needs a file name (OUT.html), not an empty one")
+    path = os.path.abspath(out)
+    _check_target(path)
     page = render_report(location, metas, runs)
-    replace_file(os.path.abspath(out), page.encode("utf-8"), durable=False)
+    _check_target(path)  # again, right before the rename: rendering a big store takes a while
+    replace_file(path, page.encode("utf-8"), durable=False)
+
+
+def _check_target(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else file_kind(mode)
+        raise ValueError(f"{printable(path)} is {kind}; the report is written to a new file or replaces "
+                         "a regular one: pick another name")

@@ -1,7 +1,7 @@
 """Runs: what each process did with a store (steps run, hits, time saved), recorded in batches.
 
 A run is one process working with one store. Its record names the process
-(host, pid, user, command line, Python) and counts what happened; each entry
+(host, pid, user, command line with its secrets masked, Python) and counts what happened; each entry
 the process saves names its run (``meta["run"]``), so ``runs`` and the report
 can say which run computed what and how much time the hits saved.
 
@@ -18,19 +18,20 @@ import getpass
 import logging
 import os
 import platform
+import re
 import secrets
 import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .stores._fs import HOST
 
 if TYPE_CHECKING:
     from .stores import Store
 
-__all__ = ["RunRecorder", "new_run_id", "FLUSH_EVERY", "MAX_STALE_KEYS"]
+__all__ = ["RunRecorder", "new_run_id", "FLUSH_EVERY", "MAX_STALE_KEYS", "mask_argv", "recorded_argv", "ARGV_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,76 @@ def new_run_id(now: float | None = None) -> str:
     """A run id that sorts by start time and is unique across hosts: ``20261127T081431-host-1234-a1b2``."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if now is None else now))
     return f"{stamp}-{HOST}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+#: Set to ``off`` (or ``0``, ``no``, ``false``) to record no command line in
+#: run records at all; any other value, or none, records it with secrets masked.
+ARGV_ENV = "AI2_KIT_CHECKPOINT_ARGV"
+MASK = "***"
+#: An option or NAME=VALUE name that holds a secret: it says password,
+#: secret, token or credential anywhere, or key as a word of its own
+#: (``--signing-key``, ``API_KEY``, ``--apikey``; not ``--monkey``).
+_SECRET_NAME = re.compile(
+    r"pass(word|wd)?($|[-_.])|passw|pwd|secret|token|credential|(^|[-_.]|api|priv)keys?($|[-_.])", re.I)
+#: The password of a URL: ``scheme://user:PASSWORD@host``, up to the last
+#: '@' of the word (a password may hold '@' or '/' unencoded; masking a
+#: little more than the password is the safe side).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*:)\S*@")
+#: ``NAME=VALUE`` as the environment spells it (``PGPASSWORD=...``).
+_ENV_STYLE = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*)=")
+#: ``name=value`` inside a word: libpq's ``"host=h password=pw"``, a URL's
+#: ``?sslpassword=pw&...``.
+_INLINE = re.compile(r"(?<![^\s;&?,])([A-Za-z_][A-Za-z0-9_.-]*)=([^\s;&,]+)")
+
+
+def _secret_name(name: str) -> bool:
+    return _SECRET_NAME.search(name) is not None
+
+
+def mask_argv(argv: Sequence[object]) -> list[str]:
+    """``argv`` with its secrets replaced by ``***``, as run records keep it.
+
+    Masked: the password of every URL (``postgresql://me:***@host/db``);
+    the value of an option whose name says password, secret, token,
+    credential or key, as ``--signing-key=***`` and as ``--signing-key ***``
+    (the next argument); and the value of ``NAME=VALUE`` arguments with such
+    names (``AWS_SECRET_ACCESS_KEY=***``), also inside a word (a libpq
+    ``"host=db password=***"``, a URL's ``?sslpassword=***``). The program
+    and everything else stay as they were.
+
+    >>> mask_argv(["wf.py", "postgresql://me:pw@db/x", "--api-token", "t0k", "--signing-key=k", "PGPASSWORD=p"])
+    ['wf.py', 'postgresql://me:***@db/x', '--api-token', '***', '--signing-key=***', 'PGPASSWORD=***']
+    """
+    out: list[str] = []
+    hide_next = False
+    for arg in map(str, argv):
+        if hide_next:
+            hide_next = False
+            if not arg.startswith("--"):
+                out.append(MASK)
+                continue
+        arg = _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", arg)
+        if arg.startswith("-") and len(arg) > 2:
+            name, eq, _ = arg.partition("=")
+            if _secret_name(name.lstrip("-")):
+                if eq:
+                    arg = name + "=" + MASK
+                else:
+                    hide_next = True
+        else:
+            m = _ENV_STYLE.match(arg)
+            if m and _secret_name(m.group(1)):
+                arg = m.group(1) + "=" + MASK
+        arg = _INLINE.sub(lambda m: m.group(1) + "=" + MASK if _secret_name(m.group(1)) else m.group(0), arg)
+        out.append(arg)
+    return out
+
+
+def recorded_argv() -> list[str] | None:
+    """This process's command line as a run record keeps it: masked, or None when ``ARGV_ENV`` is off."""
+    if os.environ.get(ARGV_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        return None
+    return mask_argv(sys.argv)
 
 
 def _user() -> str:
@@ -77,7 +148,7 @@ class RunRecorder:
             "host": HOST,
             "pid": self.pid,
             "user": _user(),
-            "argv": list(sys.argv),
+            "argv": recorded_argv(),
             "python": platform.python_version(),
             "started": now,
             "last": now,

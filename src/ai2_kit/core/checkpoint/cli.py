@@ -35,14 +35,16 @@ import os
 import pprint
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator, NoReturn, Optional, Sequence
 
 from . import _fingerprint, _maintenance, _ops
-from ._errors import CheckpointError, NewerFormatError
-from ._report import write_report
+from ._errors import CheckpointError, InvalidKeyError, NewerFormatError
+from ._keys import validate_key
+from ._report import command_line, write_report
+from ._runs import mask_argv
 from .stores import Store, is_postgres_url, open_store
+from .stores._base import library_version
 
 __all__ = ["run", "PROG", "CheckpointTool", "parse", "overview", "UsageError", "CommandError"]
 
@@ -472,6 +474,8 @@ def parse(argv: Sequence[str], prog: str = PROG) -> _Plan:
     Raises UsageError with a one-line message naming the word at fault.
     """
     argv = list(argv)
+    if argv == ["--version"]:
+        return _Plan([], help=f"{prog} {library_version()}\n")
     if not argv or argv[0] in ("-h", "--help", "help"):
         if len(argv) > 1 and argv[0] == "help" and argv[1] in _COMMANDS:
             return _Plan([], help=command_help(argv[1], prog))
@@ -514,15 +518,12 @@ def parse(argv: Sequence[str], prog: str = PROG) -> _Plan:
 
 
 # -- output helpers ----------------------------------------------------------------------
-def _printable(key: str) -> str:
-    """A key on one line: characters that break lines escaped, everything else as is."""
-    return _ops.printable_key(key)
+def _printable(text: object) -> str:
+    """Any field from a store on one terminal line (``_ops.printable``: the one escaping function)."""
+    return _ops.printable(text)
 
 
-def _when(t: object) -> str:
-    if not isinstance(t, (int, float)) or isinstance(t, bool):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+_when = _ops.when
 
 
 def _shorten(keys: Sequence[str], head: int = 10, tail: int = 5) -> list[str]:
@@ -532,12 +533,39 @@ def _shorten(keys: Sequence[str], head: int = 10, tail: int = 5) -> list[str]:
     return [*shown[:head], f"... ({len(shown) - head - tail} more) ...", *shown[-tail:]]
 
 
+def _shell_path(path: str) -> str:
+    """``path`` as a shell word that names its exact bytes: ``$'...\\xe9...'`` for a name that is not UTF-8."""
+    raw = os.fsencode(path)
+    if raw.isascii() and path.isprintable():
+        return shlex.quote(path)
+    return "$'" + "".join(chr(b) if 0x20 <= b < 0x7F and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
+
+
+def _not_a_key(store: Store, key: str) -> Optional[str]:
+    """Why a listed name cannot be used as a key, and what removes it; None for a valid key.
+
+    A reference 2024 folder may hold a file whose name is not UTF-8 (or
+    holds a control character): listing shows it escaped, but no workflow
+    and no command can address it as a key, so its file is named for ``rm``
+    the way a shell can type it.
+    """
+    try:
+        validate_key(key)
+        return None
+    except InvalidKeyError as e:
+        why = _one_line(e.reason)
+    root = getattr(store, "root", None)
+    where = (f"; remove its file with: rm {_shell_path(os.path.join(root, *key.split('/')))}"
+             if isinstance(root, str) else "")
+    return f"{_printable(key)} is not a valid key ({why}), so no step can use it{where}"
+
+
 def _entries(n: int) -> str:
     return f"{n} entry" if n == 1 else f"{n} entries"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _one_line(text: object) -> str:
+    return _printable(" ".join(str(text).split()))
 
 
 def _os_error(e: OSError) -> str:
@@ -685,7 +713,7 @@ class CheckpointTool:
         root = _ops.tree(metas, name=store.location)
         if root.count == 0:
             return 0
-        rows: list[tuple[str, str, str]] = [(root.name, _entries(root.count), _ops.format_size(root.size))]
+        rows: list[tuple[str, str, str]] = [(_printable(root.name), _entries(root.count), _ops.format_size(root.size))]
         for level, node in root.walk(depth):
             label = "  " * level + _printable(node.name)
             if node.children:
@@ -704,13 +732,21 @@ class CheckpointTool:
         """Show one entry (see ``--help``)."""
         self._ran = True
         store = self._open()
+        real = _ops.unescape(key)
+        for name in dict.fromkeys((key, real)):
+            problem = _not_a_key(store, name)
+            if problem is not None and any(m["key"] == name for m in store.iter_meta()):
+                raise CommandError(problem)  # listed, but no key can name it: what removes it instead
+        if real != key and _not_a_key(store, key) is None and _not_a_key(store, real) is None \
+                and store.get_meta(key) is None and store.get_meta(real) is not None:
+            key = real  # the escaped form that 'ls' printed (a control character in a key)
         meta = store.get_meta(key)
         if meta is None:
             below = sum(1 for _ in _ops.iter_select(store, key.rstrip("/") + "/")) if key else 0
             where = shlex.quote(self._shown())
             hint = (f"; {_entries(below)} below it: {self._prog} load {where} - ls {shlex.quote(key)}"
                     if below else f"; list the keys with: {self._prog} load {where} - ls")
-            raise CommandError(f"no entry {key!r} in {store.location}{hint}")
+            raise CommandError(f"no entry {_printable(repr(key))} in {_printable(store.location)}{_printable(hint)}")
         meta = dict(meta)
         loaded: Any = None
         if value:
@@ -726,14 +762,17 @@ class CheckpointTool:
             self._emit(_ops.json_line(record))
             return self
         self._emit(f"{'key':<13} {_printable(meta.get('key', key))}")
-        self._emit(f"{'store':<13} {store.location} ({store.kind})")
+        self._emit(f"{'store':<13} {_printable(store.location)} ({store.kind})")
         shown = {"key"}
         for name, label, fmt in _SHOW_FIELDS:
             if name in meta:
-                self._emit(f"{label:<13} {fmt(meta[name])}")
+                # A field may hold anything: escaped whole (the fingerprint's
+                # lines each on their own, in _show_fingerprint).
+                text = fmt(meta[name])
+                self._emit(f"{label:<13} {text if name == 'fingerprint' else _printable(text)}")
                 shown.add(name)
-        for name in sorted(set(meta) - shown):
-            self._emit(f"{name:<13} {meta[name]}")
+        for name in sorted(set(meta) - shown, key=str):
+            self._emit(f"{_printable(name):<13} {_printable(meta[name])}")
         if value:
             self._emit("value:")
             self._emit(pprint.pformat(loaded, width=100))
@@ -782,6 +821,14 @@ class CheckpointTool:
         else:
             keys = [m["key"] for m in _ops.iter_select(store, pattern, exclude)]
             what = f"matching {pattern!r}"
+        if not keys and from_key is None and pattern and _ops.unescape(pattern) != pattern:
+            # The escaped form that 'ls' and 'verify' print for a name that is
+            # not UTF-8 (or holds a control character) names that entry.
+            keys = [m["key"] for m in _ops.iter_select(store, _ops.unescape(pattern), exclude)]
+        for k in keys:
+            problem = _not_a_key(store, k)
+            if problem is not None:
+                raise CommandError(problem)
         where = store.location
         if not keys:
             excl = " (after --exclude)" if exclude else ""
@@ -838,7 +885,7 @@ class CheckpointTool:
         report = _maintenance.verify_store(store, self._progress())
         self._emit(f"{store.location}: {_entries(report.entries)} checked, {len(report.damaged)} damaged.")
         for key, reason in sorted(report.damaged.items()):
-            self._emit(f"  damaged: {_printable(key)}: {_one_line(reason)}")
+            self._emit(f"  damaged: {_not_a_key(store, key) or (_printable(key) + ': ' + _one_line(reason))}")
         for problem in report.store_problems:
             self._emit(f"  store problem: {_one_line(problem)}")
         if report.orphan_files:
@@ -871,20 +918,20 @@ class CheckpointTool:
         runs = store.iter_runs()
         if as_json:
             for run in runs:
-                self._emit(_ops.json_line(run))
+                argv = run.get("argv")
+                self._emit(_ops.json_line(dict(run, argv=mask_argv(argv) if argv else argv)))
             return self
         if not runs:
             self._note(f"{store.location}: no runs recorded (written before runs were recorded, "
                        "or by the reference design)")
             return self
         rows = [("STARTED", "LASTED", "HOST", "PID", "RAN", "HITS", "STALE", "SAVED", "COMMAND")]
-        for r in runs:
-            started, last = r.get("started"), r.get("last")
-            lasted = last - started if isinstance(started, (int, float)) and isinstance(last, (int, float)) else None
-            rows.append((_when(started), _ops.format_duration(lasted), str(r.get("host", "-")),
-                         str(r.get("pid", "-")), str(r.get("steps_run", 0)), str(r.get("hits", 0)),
-                         str(r.get("stale", 0)), _ops.format_duration(r.get("saved_seconds", 0.0)),
-                         _printable(" ".join(map(str, r.get("argv") or [])))))
+        for r in runs:  # checked field by field by iter_runs: a bad field is None, shown as '-'
+            started, last = r["started"], r["last"]
+            lasted = last - started if started is not None and last is not None and last >= started else None
+            rows.append((_when(started), _ops.format_duration(lasted), _printable(_dash(r["host"])),
+                         _dash(r["pid"]), _dash(r["steps_run"]), _dash(r["hits"]), _dash(r["stale"]),
+                         _ops.format_duration(r["saved_seconds"]), _printable(command_line(r["argv"]))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
             self._emit("  ".join(f"{c:<{w}}" if i in (0, 2) else f"{c:>{w}}"
@@ -894,12 +941,16 @@ class CheckpointTool:
     def report(self, out: str) -> CheckpointTool:
         """Write the HTML report (see ``--help``)."""
         self._ran = True
+        if not out:
+            raise UsageError("'report' needs OUT.html, the name of the page to write, not an empty one")
         store = self._open()
         try:
             write_report(out, self._shown(), store.iter_meta(), store.iter_runs())
+        except ValueError as e:  # OUT is a link, a FIFO, a device or a folder
+            raise CommandError(f"cannot write the report: {e}") from e
         except OSError as e:
             raise CommandError(f"cannot write the report: {_os_error(e)}") from e
-        self._emit(f"report written to {out}")
+        self._emit(f"report written to {_printable(out)}")
         return self
 
     def migrate(self) -> CheckpointTool:
@@ -933,12 +984,16 @@ class CheckpointTool:
         return self
 
 
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def _verbose_line(meta: dict[str, Any]) -> str:
     key = _printable(meta["key"])
     if "damaged" in meta:
         return f"{'-':<19}  {'-':>8}  {'-':>9}  {key}  DAMAGED: {_one_line(str(meta['damaged']))}"
-    fn = meta.get("fn_name") or "-"
-    site = meta.get("call_site") or "-"
+    fn = _printable(meta.get("fn_name") or "-")
+    site = _printable(meta.get("call_site") or "-")
     if meta.get("legacy") == "reference-dir" and "crc32" not in meta:
         fn, site = "-", "(reference 2024 file)"
     return (f"{_when(meta.get('created')):<19}  {_ops.format_duration(meta.get('duration')):>8}  "
@@ -946,7 +1001,12 @@ def _verbose_line(meta: dict[str, Any]) -> str:
 
 
 def _size_long(n: object) -> str:
-    return f"{_ops.format_size(n)} ({n} bytes)" if isinstance(n, int) else str(n)
+    return f"{_ops.format_size(n)} ({n} bytes)" if _ops.count(n) is not None else str(n)
+
+
+def _show_fingerprint(fp: object) -> str:
+    """The fingerprint's lines for ``show``'s two columns, each escaped: a name in it may hold a newline."""
+    return ("\n" + " " * 14).join(_printable(line) for line in _fingerprint.format_fingerprint(fp))
 
 
 def _when_long(t: object) -> str:
@@ -962,7 +1022,7 @@ _SHOW_FIELDS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("is_awaitable", "awaitable", str),
     ("legacy", "legacy", str),
     ("damaged", "damaged", str),
-    ("fingerprint", "fingerprint", _fingerprint.show_fingerprint),
+    ("fingerprint", "fingerprint", _show_fingerprint),
 ]
 
 

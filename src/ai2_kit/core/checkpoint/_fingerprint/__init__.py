@@ -792,6 +792,11 @@ def _code_text(code: Any, tag: Any) -> str:
     return f"source {a[:12]} (bytecode {b[:12]}, {tag or '?'})"
 
 
+def _mapping(x: Any) -> Dict[Any, Any]:
+    """A part of a record that must be an object: anything else (a crafted or damaged record) reads as empty."""
+    return x if isinstance(x, dict) else {}
+
+
 def format_fingerprint(fp: Any, indent: int = 0) -> List[str]:
     """Lines describing a metadata record's fingerprint: code, helpers, arguments, environment.
 
@@ -810,23 +815,22 @@ def format_fingerprint(fp: Any, indent: int = 0) -> List[str]:
         rows.append(("code", f"bytecode {str(fp.get('code'))[:12]} (format 1: no Python version recorded)"))
     else:
         rows.append(("code", _code_text(fp.get("code"), fp.get("bc"))))
-    helpers = fp.get("helpers") or {}
-    for name, item in helpers.items():
+    for name, item in _mapping(fp.get("helpers")).items():
         try:
             code, caller = item
         except (TypeError, ValueError):
             code, caller = item, "?"
         rows.append(("helper", f"{name} (called by {caller}): {_code_text(code, fp.get('bc'))}"))
-    args = fp.get("args") or {}
+    args = _mapping(fp.get("args"))
     if args:
         rows.append(("arguments", ", ".join(f"{k}={_short(v)}" for k, v in args.items())))
-    for name, reason in (fp.get("unhashable") or {}).items():
+    for name, reason in _mapping(fp.get("unhashable")).items():
         rows.append(("unchecked", f"{name}: {reason}"))
     env = fp.get("env")
     if isinstance(env, dict):
         if env.get("python"):
             rows.append(("python", str(env["python"])))
-        packages = env.get("packages") or {}
+        packages = _mapping(env.get("packages"))
         if packages:
             rows.append(("packages", ", ".join(f"{d} {v}" for d, v in packages.items())))
     width = max(len(r[0]) for r in rows) + 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sqlite3
 import time
@@ -14,7 +16,10 @@ from .._keys import key_matcher, prefix_of, validate_key
 from .._version import VERSION
 from ._fs import HOST
 
-__all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "LARGE", "library_version"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "LARGE", "library_version", "clean_run", "parse_run", "own_key",
+           "MAX_RUN_BYTES"]
 
 #: Version of the on-disk formats written by this library (metadata record,
 #: frame layout, SQLite schema, directory layout).
@@ -353,9 +358,23 @@ class Store(ABC):
             self._put_run(str(record["id"]), record)
 
     def iter_runs(self) -> list[dict[str, Any]]:
-        """Run records, oldest first; a store written before runs existed has none."""
-        runs = [r for r in self._iter_runs() if isinstance(r, dict) and isinstance(r.get("id"), str)]
-        return sorted(runs, key=lambda r: (_number(r.get("started")), r["id"]))
+        """Run records, oldest first; a store written before runs existed has none.
+
+        Each record is checked field by field (``clean_run``): a field of the
+        wrong type or out of range reads as None. Records that are not
+        objects with a text id are left out, with one WARNING for them all.
+        """
+        runs, bad = [], 0
+        for r in self._iter_runs():
+            clean = clean_run(r)
+            if clean is None:
+                bad += 1
+            else:
+                runs.append(clean)
+        if bad:
+            logger.warning("%d run record(s) in %s are not run records (no object with a text id); left out",
+                           bad, self.location)
+        return sorted(runs, key=lambda r: (r["started"] or 0.0, r["id"]))
 
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
         """Engines that keep runs override this and ``_iter_runs``; others keep none."""
@@ -384,5 +403,72 @@ class Store(ABC):
         return f"<{type(self).__name__} {self.location!r}{' read-only' if self.readonly else ''}>"
 
 
-def _number(x: object) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else 0.0
+#: Fields of a run record (``_runs.RunRecorder``) and what each must be to be used.
+_RUN_TEXT = ("host", "user", "python")
+_RUN_COUNTS = ("pid", "steps_run", "hits", "stale", "reruns", "save_failures")
+_RUN_SECONDS = ("run_seconds", "saved_seconds")
+_RUN_TIMES = ("started", "last")
+_MAX_TIME = 253402300799.0  # the end of the year 9999: later times cannot be shown
+
+
+def _finite(x: object, high: float) -> Optional[float]:
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:  # an int beyond float range
+        return None
+    return f if 0.0 <= f <= high else None  # NaN fails both comparisons
+
+
+def own_key(key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """A listed metadata record, or a damaged stand-in when its ``key`` field is not the row's key.
+
+    The row's key is what the store is indexed by; a record naming another
+    key (or a number) is crafted or misplaced, and listing it under that
+    name would show, select and remove the wrong entry.
+    """
+    if meta.get("key") == key:
+        return meta
+    return {"key": key, "damaged": f"its metadata record names another key ({meta.get('key')!r:.80})"}
+
+
+#: Size a run record may have (1,000 stale keys of 1 KiB each fit with room
+#: to spare); a bigger one is not read.
+MAX_RUN_BYTES = 16 << 20
+
+
+def parse_run(text: Any) -> Any:
+    """A run record's stored JSON text parsed, or None when it is not JSON (counted as not a record)."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):  # not JSON, not text, nested beyond reason
+        return None
+
+
+def clean_run(record: object) -> Optional[dict[str, Any]]:
+    """A run record as read from a store, every known field checked; None when it is not one.
+
+    Anyone who can write to a store can write its run records, so nothing
+    in them is trusted: a field of the wrong type, a negative or non-finite
+    number, a time beyond the year 9999 becomes None (shown as '-');
+    ``argv`` must be a list of strings, ``stale_keys`` keeps its strings.
+    Other fields are kept as they are.
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        return None
+    out = dict(record)
+    for name in _RUN_TEXT:
+        out[name] = record.get(name) if isinstance(record.get(name), str) else None
+    for name in _RUN_COUNTS:
+        v = record.get(name)
+        out[name] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 else None
+    for name in _RUN_SECONDS:
+        out[name] = _finite(record.get(name), float("inf"))
+    for name in _RUN_TIMES:
+        out[name] = _finite(record.get(name), _MAX_TIME)
+    argv = record.get("argv")
+    out["argv"] = argv if isinstance(argv, list) and all(isinstance(a, str) for a in argv) else None
+    keys = record.get("stale_keys")
+    out["stale_keys"] = [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+    return out

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import stat
@@ -15,10 +16,11 @@ from typing import Any, Iterator
 
 from .._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, settle_crc, verifier_for, write_all
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
-from ._base import FORMAT_VERSION, Loader, Store, library_version
+from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, library_version, parse_run
 from ._fs import (
     HOST,
     NotRegularFileError,
+    file_kind,
     fix_for,
     fsync_dir,
     fsync_parents,
@@ -30,6 +32,8 @@ from ._fs import (
     temp_name,
 )
 from ._inert import HEAD_BYTES, inert_load, is_reference_record_head
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DirectoryStore", "ENTRY_MAGIC", "MARKER", "legacy_meta", "is_pickle_head", "is_reference_entry"]
 
@@ -150,6 +154,32 @@ def _rewrite_record(f: Any, meta: dict[str, Any], width: int) -> None:
 
 def _is_our_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
+
+
+def _read_run_file(path: str) -> bytes:
+    """The bytes of a run record file: a regular file, not a link, of at most ``MAX_RUN_BYTES``.
+
+    Like an entry file, never followed (``O_NOFOLLOW``: a link to another
+    user's JSON is not this store's run), never waited on (``O_NONBLOCK``: a
+    FIFO), and read only up to the bound (a link to /dev/zero, a huge file).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(errno.EINVAL, f"it is {file_kind(st.st_mode)}, not a run record file", path)
+        if st.st_size > MAX_RUN_BYTES:
+            raise OSError(errno.EFBIG, f"it holds {st.st_size} bytes, more than a run record may", path)
+        data = f.read(MAX_RUN_BYTES + 1)
+        if len(data) > MAX_RUN_BYTES:
+            raise OSError(errno.EFBIG, "it grew beyond the size a run record may have", path)
+        return data
+
+
+def _run_file_problem(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "it is a symbolic link, not a run record file of this store"
+    return e.strerror or str(e)
 
 
 class DirectoryStore(Store):
@@ -621,19 +651,34 @@ class DirectoryStore(Store):
         self._ensure_marker()
         folder = os.path.join(self.root, RUNS)
         os.makedirs(folder, exist_ok=True)
+        mode = os.lstat(folder).st_mode
+        if not stat.S_ISDIR(mode):
+            # A link would send every run record (command lines, hosts) to
+            # wherever it points; the store's own folder or nothing.
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else file_kind(mode)
+            raise OSError(errno.ENOTDIR, f"{RUNS} is {kind}, not the store's own folder; no run record written",
+                          folder)
         # No fsync: a run record is a report; one lost to a power cut costs nothing.
         replace_file(os.path.join(folder, run_id + ".json"), json.dumps(record).encode("utf-8"), durable=False)
 
-    def _iter_runs(self) -> Iterator[dict[str, Any]]:
+    def _iter_runs(self) -> Iterator[Any]:
         folder = os.path.join(self.root, RUNS)
         try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                logger.warning("%s is not a folder of this store (a link or a file); its run records are not read",
+                               folder)
+                return
             names = [n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
         except FileNotFoundError:
             return
         for name in names:
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    yield json.load(f)
+            path = os.path.join(folder, name)
+            try:
+                yield parse_run(_read_run_file(path))
+            except FileNotFoundError:
+                continue  # replaced or removed since the listing: nothing to report
+            except OSError as e:
+                logger.warning("skipped %s: %s", path, _run_file_problem(e))
 
     # -- leftovers of killed writers ---------------------------------------------
     def leftover_temp_files(self, min_age: float = 86400.0) -> list[str]:

@@ -17,7 +17,6 @@ back into preallocated buffers, so a 1 GB array costs about 1 GB, not 3.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .._codec import Encoded, Signer, Verifier, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
-from ._base import FORMAT_VERSION, Loader, Store, library_version
+from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, library_version, own_key, parse_run
 from ._conns import GroupCommit, ThreadConnections
 
 __all__ = ["PostgresStore", "DEFAULT_SCHEMA", "INLINE_MAX", "CHUNK_SIZE"]
@@ -599,7 +598,7 @@ class PostgresStore(Store):
             rows = self._run(page)
             for key, text in rows:
                 try:
-                    yield meta_from_json(text)
+                    yield own_key(key, meta_from_json(text))
                 except ValueError as e:  # listing goes on past one damaged record
                     yield {"key": key, "damaged": f"unreadable metadata ({e})"}
             if len(rows) < PAGE_SIZE:
@@ -625,11 +624,12 @@ class PostgresStore(Store):
                 if conn.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = %s "
                                 "AND table_name = 'runs'", (self.schema,)).fetchone() is None:
                     return []  # a schema made before runs were recorded
-                return conn.execute(self._q("SELECT record FROM {s}.runs")).fetchall()
+                # A record beyond the bound reads as NULL: counted as not a run record.
+                return conn.execute(self._q("SELECT CASE WHEN length(record) <= %s THEN record END FROM {s}.runs"),
+                                    (MAX_RUN_BYTES,)).fetchall()
 
         for (text,) in self._run(read):
-            with contextlib.suppress(ValueError):
-                yield json.loads(text)
+            yield parse_run(text)  # checked field by field by iter_runs
 
     def __len__(self) -> int:
         row = self._run(lambda conn: conn.execute(self._q("SELECT count(*) FROM {s}.entries")).fetchone())

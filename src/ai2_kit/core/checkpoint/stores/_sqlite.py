@@ -27,7 +27,7 @@ from .._codec import (
     verifier_for,
 )
 from .._errors import NewerFormatError, NotACheckpointStoreError, StoreDamagedError, StoreOpenError
-from ._base import FORMAT_VERSION, LARGE, MISSING, Loader, Store, library_version
+from ._base import FORMAT_VERSION, LARGE, MAX_RUN_BYTES, MISSING, Loader, Store, library_version, own_key, parse_run
 from ._conns import GroupCommit, ThreadConnections
 from ._fs import (
     HOST,
@@ -670,7 +670,7 @@ class SQLiteStore(Store):
                 raise StoreDamagedError(self.path, str(e)) from e
             for key, text in rows:
                 try:
-                    yield meta_from_json(text)
+                    yield own_key(key, meta_from_json(text))
                 except ValueError as e:  # listing goes on past one damaged record
                     yield {"key": key, "damaged": f"unreadable metadata ({e})"}
             if len(rows) < PAGE_SIZE:
@@ -722,14 +722,15 @@ class SQLiteStore(Store):
     def _iter_runs(self) -> Iterator[dict[str, Any]]:
         try:
             with self._session() as conn:
-                rows = conn.execute("SELECT record FROM runs").fetchall()
+                # A record beyond the bound reads as NULL: counted as not a run record.
+                rows = conn.execute("SELECT CASE WHEN length(record) <= ? THEN record END FROM runs",
+                                    (MAX_RUN_BYTES,)).fetchall()
         except sqlite3.OperationalError as e:
             if "no such table" in str(e):
                 return  # written before runs were recorded
             raise
         for (text,) in rows:
-            with contextlib.suppress(ValueError):
-                yield json.loads(text)
+            yield parse_run(text)  # checked field by field by iter_runs
 
     def __len__(self) -> int:
         with self._session() as conn:
