@@ -232,7 +232,7 @@ def _default_from_env() -> Optional[Checkpointer]:
                 location = str(json.loads(text).get("location", text))
             except (ValueError, AttributeError):
                 pass
-            _warn_off(location, f"{DEFAULT_ENV}: {e}")
+            _warn_off(location or repr(location), f"{DEFAULT_ENV}: {e}")
             return None
         _default = checkpointer_for(spec)
         return _default
@@ -249,8 +249,10 @@ def _check_env_description(text: str) -> None:
     if not isinstance(d, dict):
         raise ValueError("not a store description (a JSON object)")
     location = d.get("location")
-    if not isinstance(location, str) or not location.strip():
+    if not isinstance(location, str):
         raise ValueError(f"'location' must name a store, not {location!r}")
+    if not location.strip():
+        raise ValueError("'location' is empty: the store path is empty; name a store file, folder or URL")
     if not isinstance(d.get("store_options") or {}, dict):
         raise ValueError(f"'store_options' must be an object, not {d['store_options']!r}")
     for name, kind in (("prefer", str), ("stale", str), ("environment", str)):

@@ -15,6 +15,7 @@ __all__ = [
     "SaveError",
     "SignatureMismatchError",
     "StoreDamagedError",
+    "StoreRemovedError",
 ]
 
 
@@ -86,6 +87,15 @@ class StoreDamagedError(CheckpointError):
             f"'ai2-kit tool checkpoint verify {location} --salvage NEW' copies every readable "
             "entry into a new store"
         )
+
+
+class StoreRemovedError(CheckpointError):
+    """The store was removed (or replaced) since this process opened it; nothing re-creates it."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        self.location = location
+        self.reason = reason
+        super().__init__(f"checkpoint store {location!r} is gone: {reason}")
 
 
 class ReadOnlyStoreError(CheckpointError, PermissionError):

@@ -36,6 +36,7 @@ from ._errors import CheckpointError, CorruptEntryError, InvalidKeyError, ReadOn
 from ._keys import is_glob, key_matcher
 from ._maintenance import Progress, no_progress
 from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
+from .stores._fs import store_path
 from .stores._legacy import LegacyFileStore, backup_path, load_legacy_file
 
 __all__ = [
@@ -91,7 +92,7 @@ def open_existing(location: Any, *, readonly: bool = False, allow_newer: bool = 
         return _refuse_newer(store) if not allow_newer else store
     if not isinstance(location, (str, os.PathLike)):
         raise StoreOpenError(repr(location), "a store location must be a path or a postgresql:// URL")
-    path = os.path.abspath(os.fspath(location))
+    path = store_path(location)
     if not os.path.exists(path):
         raise StoreOpenError(path, "no such file or directory", "Check the path; nothing was created")
     if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
@@ -351,7 +352,7 @@ def migrate(location: str | os.PathLike[str], progress: Progress = no_progress) 
         store = open_existing(location, readonly=True, allow_newer=False)
         with store:
             return MigrationReport(str(store.location), "current", store.kind, already=len(store))
-    path = os.path.abspath(os.fspath(location))
+    path = store_path(location)
     if os.path.isdir(path):
         return _migrate_dir(path, progress)
     store = open_existing(path, allow_newer=False)

@@ -26,6 +26,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from ._errors import StoreRemovedError
 from .stores._fs import HOST
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class RunRecorder:
         self._events: collections.deque[tuple[str, Any]] = collections.deque()
         self._lock = threading.Lock()  # one flush at a time
         self._unwritten = True  # the record itself was never written
+        self._store_gone = False  # the store was removed: nothing more is written
         self.record: dict[str, Any] = {
             "id": self.id,
             "host": HOST,
@@ -213,9 +215,13 @@ class RunRecorder:
             self.record["last"] = time.time()
             record = dict(self.record, stale_keys=list(self.record["stale_keys"]))
             try:
-                if not self.store.closed:
+                if not self.store.closed and not self._store_gone:
                     self.store.put_run(record)
                     self._unwritten = False
+            except StoreRemovedError as e:
+                # Said once; later flushes skip it: writing would re-create the store.
+                self._store_gone = True
+                logger.warning("run %s not recorded: %s", self.id, e)
             except Exception as e:  # a run record is a report, never worth failing a step for
                 logger.debug("could not write run %s to %s: %s", self.id, self.store.location, e)
 

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from .._errors import NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Hit, Store
 from ._directory import DirectoryStore, is_pickle_head
-from ._fs import file_kind, fix_for, read_head
+from ._fs import file_kind, fix_for, read_head, store_path
 from ._legacy import LegacyFileStore, migrate_legacy_file
 from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
@@ -78,7 +78,7 @@ def _open(location: Any, prefer: str, readonly: bool, options: dict[str, Any], s
         return PostgresStore(location, readonly=readonly, **options)
     if not isinstance(location, (str, os.PathLike)):
         raise StoreOpenError(repr(location), "a store location must be a path or a postgresql:// URL")
-    path = os.path.abspath(os.fspath(location))
+    path = store_path(location)
     adopt = bool(options.pop("adopt", False))
     st = _stat(path)
     if st is not None and stat.S_ISDIR(st.st_mode):

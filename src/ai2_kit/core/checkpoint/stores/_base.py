@@ -11,7 +11,14 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode, settle_crc
-from .._errors import CorruptEntryError, NewerFormatError, ReadOnlyStoreError, SaveError, SignatureMismatchError
+from .._errors import (
+    CorruptEntryError,
+    NewerFormatError,
+    ReadOnlyStoreError,
+    SaveError,
+    SignatureMismatchError,
+    StoreRemovedError,
+)
 from .._keys import key_matcher, prefix_of, validate_key
 from .._version import VERSION
 from ._fs import HOST
@@ -353,9 +360,20 @@ class Store(ABC):
 
     # -- runs: which process saved what, and what its hits saved (_runs.py) ---
     def put_run(self, record: dict[str, Any]) -> None:
-        """Write or replace one run record (``record["id"]``); read-only stores keep none."""
+        """Write or replace one run record (``record["id"]``); read-only stores keep none.
+
+        Raises StoreRemovedError, writing nothing, when the store was removed
+        since it was opened: a run record must never re-create a store.
+        """
         if not self.readonly:
+            gone = self._gone()
+            if gone is not None:
+                raise StoreRemovedError(self.location, gone)
             self._put_run(str(record["id"]), record)
+
+    def _gone(self) -> Optional[str]:
+        """Why the store is no longer where it was opened, or None (engines with files override this)."""
+        return None
 
     def iter_runs(self) -> list[dict[str, Any]]:
         """Run records, oldest first; a store written before runs existed has none.

@@ -19,16 +19,22 @@ from .._errors import NewerFormatError, NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, library_version, parse_run
 from ._fs import (
     HOST,
+    DurabilityError,
     NotRegularFileError,
+    ensure_durable,
     file_kind,
     fix_for,
+    folders_between,
     fsync_dir,
-    fsync_parents,
+    fsync_file,
+    gone_reason,
+    identity,
     left_by_dead_writer,
     make_dirs,
     open_regular,
     read_head,
     replace_file,
+    store_path,
     temp_name,
 )
 from ._inert import HEAD_BYTES, inert_load, is_reference_record_head
@@ -206,10 +212,12 @@ class DirectoryStore(Store):
     checksum_while_writing = True
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True, adopt: bool = False) -> None:
-        path = os.path.abspath(os.fspath(path))
+        path = store_path(path)
         super().__init__(path, readonly=readonly)
         self.root = path
         self._marker_ok = False
+        #: (st_dev, st_ino) of the folder when opened: a flush must not write into a replacement.
+        self._opened_id: tuple[int, int] | None = None
         #: "current" (marked, or holding our entries), "reference-dir", or "new" (empty).
         self.layout = "current"
         try:
@@ -231,7 +239,9 @@ class DirectoryStore(Store):
             if not create or readonly:
                 raise StoreOpenError(path, "no such directory", "Check the path")
             self._create_root()
+            self._opened_id = identity(path)
             return
+        self._opened_id = (st.st_dev, st.st_ino)
         if not os.access(path, os.R_OK | os.X_OK):
             raise StoreOpenError(path, "permission denied", "Check the directory's permissions")
         marker = os.path.join(path, MARKER)
@@ -248,11 +258,13 @@ class DirectoryStore(Store):
         try:
             created = make_dirs(self.root, "")
             self._ensure_marker()
+            # The new folders' names live in their parents: durable only once those are fsynced.
+            for folder in created:
+                fsync_dir(os.path.dirname(folder), outside=True)
         except OSError as e:
-            raise StoreOpenError(self.root, f"cannot create the directory ({e.strerror or e})",
-                                 fix_for(e)) from e
-        # The new folders' names live in their parents: durable only once those are fsynced.
-        fsync_parents(created)
+            raise StoreOpenError(self.root, f"cannot create the directory ({e})"
+                                 if isinstance(e, DurabilityError) else
+                                 f"cannot create the directory ({e.strerror or e})", fix_for(e)) from e
         self.layout = "current"
 
     def _read_marker(self, marker: str) -> None:
@@ -273,11 +285,19 @@ class DirectoryStore(Store):
     def _classify(self, adopt: bool) -> None:
         """Decide, without unpickling anything, whether an unmarked folder is a store.
 
-        Stops at the first file it recognises (our entry, or a reference
-        per-key file); a folder with no file at all is a new, empty store.
-        Anything else is somebody's folder: refused, untouched.
+        Every file is looked at. A folder with no file at all is a new, empty
+        store. One holding our entries is a store only when nothing else is
+        there: a marker of another store below it (a store lives below), or a
+        file that is not ours beside our entries, makes it somebody's folder,
+        refused untouched; taken as a store, ``rm "*"`` would remove the
+        entries of every store below. A folder of the reference's 2024
+        per-key files is a store with or without other files beside them (the
+        reference wrote no marker, and users kept their files there); those
+        stay invisible to the store.
         """
         foreign: str | None = None
+        other_store: str | None = None
+        ours = reference = False
         problem: list[OSError] = []
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=problem.append):
             dirnames[:] = sorted(d for d in dirnames if not (dirpath == self.root and d == CLAIMS))
@@ -285,29 +305,39 @@ class DirectoryStore(Store):
                 if _is_our_temp(name):
                     continue
                 path = os.path.join(dirpath, name)
-                if name == MARKER and dirpath == self.root:
-                    # Written since ``__init__`` looked for it (another process creating
-                    # this store at the same time): judged as the marker, not a stranger.
-                    self._read_marker(path)
-                    return
-                if name.endswith(SUFFIX) and _is_our_entry_file(path):
-                    self.layout = "current"
-                    return
-                if not name.startswith(".") and is_reference_entry(path):
-                    self.layout = "reference-dir"
-                    return
-                if foreign is None:
-                    foreign = path
+                if name == MARKER:
+                    if dirpath == self.root:
+                        # Written since ``__init__`` looked for it (another process creating
+                        # this store at the same time): judged as the marker, not a stranger.
+                        self._read_marker(path)
+                        return
+                    other_store = other_store or path
+                elif name.endswith(SUFFIX) and _is_our_entry_file(path):
+                    ours = True
+                elif not name.startswith(".") and is_reference_entry(path):
+                    reference = True
+                else:
+                    foreign = foreign or path
+            if other_store is not None and not adopt:
+                break
         if foreign is None and problem:
             foreign = problem[0].filename or self.root
-        if foreign is None or adopt:
-            self.layout = "new"
+        if adopt:
+            self.layout = "current" if ours or not reference else "reference-dir"
+            return
+        if other_store is not None:
+            reason = (f"another checkpoint store lives below it ({os.path.relpath(other_store, self.root)!r})"
+                      f" and it has no marker file {MARKER} of its own")
+        elif foreign is not None and (ours or not reference):
+            reason = (f"the folder holds files that no checkpoint store wrote (such as "
+                      f"{os.path.relpath(foreign, self.root)!r}) and no marker file {MARKER}")
+        else:
+            self.layout = "current" if ours else "reference-dir" if reference else "new"
             return
         raise NotACheckpointStoreError(
-            self.root,
-            f"the folder holds files that no checkpoint store wrote (such as {os.path.relpath(foreign, self.root)!r})"
-            f" and no marker file {MARKER}",
-            "Pick a new or empty folder for the checkpoint store; nothing in this one was changed",
+            self.root, reason,
+            "Pick a new or empty folder for the checkpoint store (or the store's own folder);"
+            " nothing in this one was changed",
         )
 
     # -- paths ----------------------------------------------------------------
@@ -446,9 +476,8 @@ class DirectoryStore(Store):
             # place once the checksum is known, before the fsync.
             meta["crc32"] = "0" * 8
         meta_bytes = meta_to_json(meta).encode("utf-8")
-        created: list[str] = []
         for attempt in range(5):
-            created += make_dirs(parent, self.root)
+            make_dirs(parent, self.root)
             tmp = temp_name(final)
             try:
                 f = open(tmp, "xb", buffering=0)
@@ -459,13 +488,19 @@ class DirectoryStore(Store):
                 continue
             try:
                 with f:
-                    write_all(f, memoryview(ENTRY_MAGIC + _U32.pack(len(meta_bytes)) + meta_bytes))
-                    encoded.write_to(f)
-                    if late:
-                        meta["crc32"] = None
-                        settle_crc(meta, encoded)
-                        _rewrite_record(f, meta, len(meta_bytes))
-                    os.fsync(f.fileno())
+                    try:
+                        write_all(f, memoryview(ENTRY_MAGIC + _U32.pack(len(meta_bytes)) + meta_bytes))
+                        encoded.write_to(f)
+                        if late:
+                            meta["crc32"] = None
+                            settle_crc(meta, encoded)
+                            _rewrite_record(f, meta, len(meta_bytes))
+                    except OSError as e:
+                        if e.filename is not None:
+                            raise
+                        # A failed write names no file by itself: name the entry.
+                        raise OSError(e.errno, f"{e.strerror or e} while writing the entry", final) from e
+                    fsync_file(f.fileno(), final)
                 # Rename, not rewrite: a kill mid-write must leave the old entry.
                 os.replace(tmp, final)
             except BaseException:
@@ -474,9 +509,11 @@ class DirectoryStore(Store):
                 raise
             break
         fsync_dir(parent)
-        # Each new folder's name is an entry of its parent: without these a
-        # power cut can drop the folder and the entry just written in it.
-        fsync_parents(created)
+        # Every folder above the entry holds the name of the next one: all of
+        # them must be durable before the save returns, whoever created them
+        # (another writer may have made ``parent`` a moment ago and not yet
+        # fsynced its parent). Known-durable folders cost one stat each.
+        ensure_durable(folders_between(self.root, parent), outside=1)
         legacy = self._legacy_path(key)
         if self._legacy_base(key, legacy) is not None:
             # Ours now shadows the reference file; remove it so ls shows one entry.
@@ -514,7 +551,7 @@ class DirectoryStore(Store):
         # A removal that a power cut undid would bring a stale result back:
         # each folder that lost names is fsynced, once, before returning.
         for folder in folders:
-            fsync_dir(folder)
+            fsync_dir(folder, missing_ok=True)  # gone: another rm removed it and all in it
         for folder in sorted(folders, key=len, reverse=True):
             self._prune(folder)
         return removed
@@ -585,7 +622,7 @@ class DirectoryStore(Store):
 
     def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
         folder = self._claim_path(key)
-        os.makedirs(folder, exist_ok=True)
+        make_dirs(folder, self.root)  # never the store's own folder: one removed stays removed
         for _ in range(10):
             current = self._current_claim(folder)
             number = 1
@@ -647,10 +684,18 @@ class DirectoryStore(Store):
             os.replace(self._write_claim_tmp(path, key, owner, None), path)
 
     # -- runs: one small JSON file each in .runs/ -----------------------------------
+    def _gone(self) -> str | None:
+        reason = gone_reason(self.root, self._opened_id)
+        if reason is None and self._marker_ok and not os.path.lexists(os.path.join(self.root, MARKER)):
+            reason = f"its marker file {MARKER} was removed while this process used it; nothing is written there"
+        return reason
+
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
         self._ensure_marker()
         folder = os.path.join(self.root, RUNS)
-        os.makedirs(folder, exist_ok=True)
+        # mkdir, not makedirs: a store folder removed meanwhile stays removed.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
         mode = os.lstat(folder).st_mode
         if not stat.S_ISDIR(mode):
             # A link would send every run record (command lines, hosts) to

@@ -9,10 +9,14 @@ import os
 import secrets
 import stat
 import time
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from .._errors import StoreOpenError
 
 __all__ = [
-    "fsync_dir", "fs_type", "is_network_fs", "temp_name", "replace_file", "NETWORK_FS", "HOST", "left_by_dead_writer",
+    "fsync_dir", "fsync_file", "ensure_durable", "folders_between", "DurabilityError", "DIR_FSYNC_UNSUPPORTED",
+    "fs_type", "store_path", "identity", "gone_reason", "is_network_fs", "temp_name", "replace_file", "NETWORK_FS",
+    "HOST", "left_by_dead_writer",
     "open_regular", "read_head", "NotRegularFileError", "make_dirs", "fsync_parents", "file_kind", "fix_for",
 ]
 
@@ -27,18 +31,186 @@ NETWORK_FS = frozenset(
 )
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new file in ``path`` durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+#: What a folder's fsync may answer on a file system that cannot fsync folders
+#: (some FUSE and network file systems): the rename or new name is then as
+#: durable as that file system makes it, and nothing more can be done. Every
+#: other errno (EIO above all: the disk lost writes) fails the save.
+#: ENOTSUP and EOPNOTSUPP are one value on Linux, two on some other systems.
+DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+class DurabilityError(OSError):
+    """A file or folder could not be made durable (its fsync, or the open before it, failed)."""
+
+    def __init__(self, what: str, path: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), path)
+        self.what = what
+
+    def __str__(self) -> str:
+        name = errno.errorcode.get(self.errno or 0, str(self.errno))
+        return f"cannot make {self.filename} durable: {self.what} failed with {name} ({self.strerror})"
+
+
+def fsync_file(fd: int, path: str) -> None:
+    """``os.fsync(fd)``; a failure raised as a DurabilityError naming ``path`` and the errno."""
     try:
         os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename still happened
+    except OSError as e:
+        raise DurabilityError("fsync", path, e) from e
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+def _fsync_dir_fd(fd: int, path: str) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in DIR_FSYNC_UNSUPPORTED:
+            raise DurabilityError("fsync", path, e) from e
+
+
+def fsync_dir(path: str, *, missing_ok: bool = False, outside: bool = False) -> None:
+    """Make a rename, a new name or a removal in the folder ``path`` durable.
+
+    Raises DurabilityError naming the folder and the errno when the folder
+    cannot be opened or its fsync fails, except for the errnos of a file
+    system that cannot fsync folders (``DIR_FSYNC_UNSUPPORTED``).
+    ``missing_ok``: a folder removed meanwhile is no error (a removal that
+    another process finished). ``outside``: the folder is above the store
+    (the user's); one we may not open for reading is left as it is.
+    """
+    try:
+        fd = _open_dir(path)
+    except FileNotFoundError as e:
+        if missing_ok:
+            return
+        raise DurabilityError("opening the folder for fsync", path, e) from e
+    except OSError as e:
+        if outside and e.errno in (errno.EACCES, errno.EPERM):
+            return
+        raise DurabilityError("opening the folder for fsync", path, e) from e
+    try:
+        _fsync_dir_fd(fd, path)
     finally:
         os.close(fd)
+
+
+#: Folders whose entries this process knows to be durable: path -> (st_dev,
+#: st_ino, st_ctime_ns) as read just before an fsync of that folder. Any
+#: change to a folder's entries (a name created, removed or renamed, the
+#: folder removed and made again, even on a reused inode number) moves its
+#: ctime, so a folder whose three numbers still match needs no fsync. A
+#: ctime is remembered only once it is old enough (``_settle_ns``):
+#: timestamps are coarse (a clock tick; a second or two on some file
+#: systems), and a change right after the fsync, within the same tick as the
+#: ctime read, would carry the same value. A forked child inherits the
+#: memory, and it stays true there: durability is the disk's, not the process's.
+_durable: dict[str, tuple[int, int, int]] = {}
+_DURABLE_MAX = 1 << 16
+#: Trusted age of a ctime with sub-second digits: well above a clock tick (at most 10 ms).
+_SETTLE_FINE_NS = 50_000_000
+#: Trusted age of a ctime in whole seconds (1 s or 2 s timestamps: Lustre, HFS+, FAT...).
+_SETTLE_COARSE_NS = 3_000_000_000
+
+
+def _settle_ns(ctime_ns: int) -> int:
+    """How old ``ctime_ns`` must be before a folder showing it can be trusted unchanged.
+
+    The file system's timestamp grain is guessed from the value's trailing
+    zeros: a grain is a multiple of the power of ten its values end with,
+    and this waits 100 times that power (50 ms at least, 3 s at most), so a
+    grain such as 250 ms (values ending in 7 zeros) is covered too. A fine
+    timestamp that ends in zeros by chance only waits longer.
+    """
+    if ctime_ns % 1_000_000_000 == 0:
+        return _SETTLE_COARSE_NS
+    grain = 1
+    while grain < 100_000_000 and ctime_ns % (grain * 10) == 0:
+        grain *= 10
+    return min(max(100 * grain, _SETTLE_FINE_NS), _SETTLE_COARSE_NS)
+
+
+def ensure_durable(folders: list[str], *, outside: int = 0) -> None:
+    """Make the entries of each folder in ``folders`` durable (an fsync unless known durable).
+
+    Used for every folder above the one a save wrote into, from the store's
+    parent down: each holds the name of the next, so a save is durable only
+    when all of them are, whoever created them. ``outside``: how many of the
+    first folders are above the store (see ``fsync_dir``).
+    """
+    for i, folder in enumerate(folders):
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            raise DurabilityError("looking up the folder", folder, e) from e
+        if _durable.get(folder) == (st.st_dev, st.st_ino, st.st_ctime_ns):
+            continue
+        try:
+            fd = _open_dir(folder)
+        except OSError as e:
+            if i < outside and e.errno in (errno.EACCES, errno.EPERM):
+                continue
+            raise DurabilityError("opening the folder for fsync", folder, e) from e
+        try:
+            st = os.fstat(fd)  # the folder fsynced below, as it is before the fsync
+            _fsync_dir_fd(fd, folder)
+        finally:
+            os.close(fd)
+        if time.time_ns() - st.st_ctime_ns > _settle_ns(st.st_ctime_ns):
+            if len(_durable) >= _DURABLE_MAX:
+                _durable.clear()  # the memory only spares fsyncs: start again
+            _durable[folder] = (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def folders_between(top: str, folder: str) -> list[str]:
+    """The folders from ``top``'s parent down to ``folder``'s parent (``folder`` under ``top``, or ``top``)."""
+    chain = [os.path.dirname(top)]
+    rel = os.path.relpath(folder, top)
+    if rel != ".":
+        cur = top
+        for part in rel.split(os.sep)[:-1]:
+            chain.append(cur)
+            cur = os.path.join(cur, part)
+        chain.append(cur)
+    return chain
+
+
+def store_path(location: Any) -> str:
+    """The absolute path of a store location given as a path; an empty one is refused.
+
+    ``os.path.abspath("")`` is the current folder: a variable left unset
+    (``load "$STORE" - rm "*"``) would make the current folder the store.
+    """
+    path = os.fspath(location)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path.strip():
+        raise StoreOpenError(
+            path, "the store path is empty (an unset variable?); it would mean the current folder",
+            "Give the store's path; to use the current folder, say '.'",
+        )
+    return os.path.abspath(path)
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what ``path`` names now, or None when nothing is there."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def gone_reason(path: str, opened: tuple[int, int] | None) -> str | None:
+    """Why the store opened at ``path`` as ``opened`` (its ``identity``) is not there any more, or None."""
+    now = identity(path)
+    if now is None:
+        return f"{path} was removed while this process used it; nothing is written there"
+    if opened is not None and now != opened:
+        return f"{path} was removed and replaced by another while this process used it; nothing is written there"
+    return None
 
 
 def fs_type(path: str) -> str:
@@ -88,7 +260,7 @@ def replace_file(path: str, data: bytes, durable: bool) -> None:
             f.write(data)
             if durable:
                 f.flush()
-                os.fsync(f.fileno())
+                fsync_file(f.fileno(), path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -168,8 +340,9 @@ def make_dirs(path: str, stop: str) -> list[str]:
 
     ``mkdir`` alone is not durable: the new folder's name lives in its
     parent, which must be fsynced too, or a power cut can take the folder,
-    and every entry in it, away. The caller fsyncs the parent of each
-    returned folder once its own work is durable (``fsync_parents``).
+    and every entry in it, away. A save makes every folder on its path
+    durable, whoever created it (``ensure_durable``); creating a store, the
+    caller fsyncs the parent of each returned folder (``fsync_parents``).
     Folders at or above ``stop`` are never created here.
     """
     created: list[str] = []
@@ -194,7 +367,7 @@ def make_dirs(path: str, stop: str) -> list[str]:
 def fsync_parents(created: list[str]) -> None:
     """Fsync the parent of each folder in ``created`` (from ``make_dirs``)."""
     for folder in created:
-        fsync_dir(os.path.dirname(folder))
+        fsync_dir(os.path.dirname(folder), outside=True)
 
 
 def fix_for(e: OSError) -> str:

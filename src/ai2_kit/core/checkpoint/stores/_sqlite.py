@@ -32,13 +32,18 @@ from ._conns import GroupCommit, ThreadConnections
 from ._fs import (
     HOST,
     NotRegularFileError,
+    ensure_durable,
     fix_for,
     fsync_dir,
+    fsync_file,
     fsync_parents,
+    gone_reason,
+    identity,
     is_network_fs,
     left_by_dead_writer,
     make_dirs,
     read_head,
+    store_path,
     temp_name,
 )
 
@@ -210,7 +215,7 @@ class SQLiteStore(Store):
     def __init__(
         self, path: str, *, readonly: bool = False, create: bool = True, journal: Optional[str] = None
     ) -> None:
-        path = os.path.abspath(os.fspath(path))
+        path = store_path(path)
         self._journal = journal
         super().__init__(path, readonly=readonly)
         self.path = path
@@ -233,6 +238,9 @@ class SQLiteStore(Store):
             self._create()
         else:
             check_sqlite_header(path)
+        #: (st_dev, st_ino) of the file when opened: a run-record flush must not
+        #: re-create it (a connection would make a bare database) once removed.
+        self._opened_id = identity(path)
         if not readonly and not os.access(path, os.W_OK):
             self.readonly, self.readonly_reason = True, "no write permission on the file"
         elif not readonly and not os.access(os.path.dirname(path), os.W_OK):
@@ -298,9 +306,12 @@ class SQLiteStore(Store):
             for suffix in ("-journal", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
                     os.unlink(tmp + suffix)
-        fsync_dir(parent)
-        # New folders on the way: their names are durable only once their parents are fsynced.
-        fsync_parents(created)
+        try:
+            fsync_dir(parent)
+            # New folders on the way: their names are durable only once their parents are fsynced.
+            fsync_parents(created)
+        except OSError as e:
+            raise StoreOpenError(self.path, str(e), fix_for(e)) from e
 
     def _connect(self) -> sqlite3.Connection:
         if self.readonly:
@@ -357,6 +368,16 @@ class SQLiteStore(Store):
             self._wal = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"
         except sqlite3.Error:
             self._wal = False
+        if self._wal and not self.readonly:
+            # The WAL file exists now. SQLite fsyncs the folder after creating
+            # it but ignores that fsync's errors, and a commit into a WAL whose
+            # name a power cut can take is not durable: made durable here, or
+            # the connection is refused with the errno.
+            try:
+                ensure_durable([os.path.dirname(self.path)])
+            except OSError as e:
+                _close_quietly(conn)
+                raise StoreOpenError(self.path, str(e), fix_for(e)) from e
         return conn
 
     def _conn(self) -> sqlite3.Connection:
@@ -505,8 +526,8 @@ class SQLiteStore(Store):
         return os.path.join(self.blob_dir, name)
 
     def _write_blob(self, encoded: Encoded) -> str:
-        # A new folder's name lives in its parent: fsynced with the blob below.
-        created = make_dirs(self.blob_dir, "") if not os.path.isdir(self.blob_dir) else []
+        if not os.path.isdir(self.blob_dir):
+            make_dirs(self.blob_dir, "")
         # Who wrote it is in the name, so that a side file left by a writer
         # that died before its commit can be recognised and removed.
         name = f"{secrets.token_hex(12)}.{os.getpid()}.{HOST}.frame"
@@ -515,14 +536,22 @@ class SQLiteStore(Store):
         # before the commit leaves an orphan file, never a half-written value.
         try:
             with open(path, "xb", buffering=0) as f:
-                encoded.write_to(f)
-                os.fsync(f.fileno())
+                try:
+                    encoded.write_to(f)
+                except OSError as e:
+                    if e.filename is not None:
+                        raise
+                    raise OSError(e.errno, f"{e.strerror or e} while writing a side file", path) from e
+                fsync_file(f.fileno(), path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise
         fsync_dir(self.blob_dir)
-        fsync_parents(created)
+        # The folder's name lives in the database's folder: durable before the
+        # row commits, whoever created the folder (another writer may have
+        # made it a moment ago and not yet fsynced its parent).
+        ensure_durable([os.path.dirname(self.blob_dir)])
         return name
 
     def _put(self, key: str, meta: dict[str, Any], encoded: Encoded) -> None:
@@ -713,6 +742,9 @@ class SQLiteStore(Store):
 
     def _release_claim(self, key: str, owner: str) -> None:
         self._unsynced_txn("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+
+    def _gone(self) -> str | None:
+        return gone_reason(self.path, self._opened_id)
 
     # -- runs (a table added on first use: older stores simply have none) -------
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
