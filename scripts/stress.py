@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run the fault-injection tests in their long versions and print the reliability table.
 
-The tests in tests/test_durability.py, tests/test_faults.py and
-tests/test_powercut.py are the single
+The tests in tests/test_durability.py, tests/test_faults.py,
+tests/test_powercut.py and tests/test_interrupts.py (the signal storm) are the single
 implementation of every scenario; CI runs them short, this script scales them
 up through environment variables and collects the figures they print.
 
@@ -10,6 +10,8 @@ up through environment variables and collects the figures they print.
     python scripts/stress.py --quick          # CI-sized, a few minutes
     python scripts/stress.py --markdown docs/reliability-table.md
     python scripts/stress.py --fuzz 2000      # only the record fuzz test, 2000 rounds per store kind
+    python scripts/stress.py --crowd 100      # only the power cuts of many writers at once
+                                              # (claims, renewals, run records), 100 cuts per store
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ LONG = {
     "AI2_KIT_LOAD_SECONDS": "30",
     "AI2_KIT_DAMAGE_TRIALS": "200",
     "AI2_KIT_POWERCUT_TRIALS": "200",
+    "AI2_KIT_CROWD_TRIALS": "200",
+    "AI2_KIT_STORM_SIGNALS": "2000",
 }
+CROWD = "tests/test_powercut.py::test_many_writers_with_claims_and_runs_lose_nothing"
 TESTS = [
     "tests/test_durability.py::test_sigkill_during_writes_loses_nothing",
     "tests/test_durability.py::test_sigkill_during_overwrites_keeps_a_complete_value",
     "tests/test_faults.py",
     "tests/test_powercut.py",  # power cuts on the FUSE file system of tests/_powerfs.py
+    # SIGINTs at random moments of saves, claims and run flushes (issue 21)
+    "tests/test_interrupts.py::test_a_signal_storm_leaves_every_connection_durable",
 ]
 
 
@@ -64,6 +71,8 @@ def main() -> int:
     parser.add_argument("--fuzz", type=int, metavar="ROUNDS",
                         help="only the fuzz test of records and outputs (tests/test_records.py), ROUNDS rounds "
                              "per store kind; AI2_KIT_FUZZ_SEED picks another seed")
+    parser.add_argument("--crowd", type=int, metavar="CUTS",
+                        help="only the power cuts of several writer processes at once, CUTS per store")
     args = parser.parse_args()
     if args.fuzz:
         env = dict(os.environ, AI2_KIT_FUZZ_ROUNDS=str(args.fuzz))
@@ -78,7 +87,11 @@ def main() -> int:
     if not args.quick:
         env.update(LONG)
     # No per-test timeout: 200 kill trials of one store take several minutes.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "timeout=0", *TESTS]
+    tests = TESTS
+    if args.crowd:
+        env["AI2_KIT_CROWD_TRIALS"] = str(args.crowd)
+        tests = [CROWD]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "timeout=0", *tests]
     if args.k:
         cmd += ["-k", args.k]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

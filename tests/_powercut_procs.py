@@ -8,7 +8,17 @@ broken store that the power-cut harness must catch:
 
 - ``sync-off``: SQLite with ``synchronous=OFF`` (no fsync at all);
 - ``no-dir-fsync``: no folder fsync in ``put`` (the directory store);
-- ``no-file-fsync``: no file fsync in ``put`` (entry files; SQLite's side files).
+- ``no-file-fsync``: no file fsync in ``put`` (entry files; SQLite's side files);
+- ``unsynced-claims``: SQLite whose claims, lease renewals and run records
+  commit with ``synchronous=OFF`` (what the store did before issue 21).
+
+Role ``crowd`` (``TAG PROC THREADS``): THREADS threads of this process save
+at once (group commit), every step claimed first (``dedup=True``), some steps
+long enough for the heartbeat to renew their lease, a few keys shared by
+every writer of every process (contended claims), all in a few folders that
+whichever writer comes first creates, and the run recorder flushing all the
+while. Prints ``ack KEY`` once a call returned; the value is
+``crowd_value(KEY)``.
 """
 
 from __future__ import annotations
@@ -16,7 +26,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import threading
 import time
+from typing import Any
+
+import numpy as np
 
 from _procs import value_for
 from ai2_kit.core.checkpoint import Checkpointer
@@ -30,6 +44,80 @@ class NoSyncSQLiteStore(SQLiteStore):
         conn = super()._connect()
         conn.execute("PRAGMA synchronous=OFF")
         return conn
+
+
+class UnsyncedClaimsSQLiteStore(SQLiteStore):
+    """A control: entries synced, but claims, renewals and run records committed unsynced.
+
+    In WAL mode such a commit that crosses the auto-checkpoint threshold
+    copies the WAL into the database without syncing either, and the next
+    synced save restarts the WAL over pages the database does not hold.
+    """
+
+    def _unsynced(self, op: Any, *args: Any) -> Any:
+        with self._session() as conn:
+            conn.execute("PRAGMA synchronous=OFF")
+            try:
+                return op(*args)
+            finally:
+                conn.execute("PRAGMA synchronous=EXTRA")
+
+    def _try_claim(self, key, owner, ttl):  # type: ignore[no-untyped-def]
+        return self._unsynced(super()._try_claim, key, owner, ttl)
+
+    def _renew_claim(self, key, owner, ttl):  # type: ignore[no-untyped-def]
+        return self._unsynced(super()._renew_claim, key, owner, ttl)
+
+    def _release_claim(self, key, owner):  # type: ignore[no-untyped-def]
+        return self._unsynced(super()._release_claim, key, owner)
+
+    def _put_run(self, run_id, record):  # type: ignore[no-untyped-def]
+        return self._unsynced(super()._put_run, run_id, record)
+
+
+#: Crowd values: every 10th a side file (SQLite), every 3rd 300 KB inline
+#: (the WAL reaches SQLite's auto-checkpoint threshold within a trial), the
+#: rest 6 KB.
+CROWD_BIG = 1_200_000
+
+
+def crowd_value(key: str) -> Any:
+    i = int(key[-5:])
+    if i % 10 == 9:
+        return np.full(CROWD_BIG // 4, i, dtype=np.int32)
+    return {"key": key, "pad": ("y" if i % 3 == 0 else "x") * (300_000 if i % 3 == 0 else 6_000)}
+
+
+def crowd_key(tag: str, proc: int, thread: int, i: int) -> str:
+    if i % 7 == 3:
+        return f"{tag}/shared/s{i:05d}"  # every writer of every process: one computes, the rest hit
+    return f"{tag}/g{i % 3}/p{proc}t{thread}-{i:05d}"
+
+
+def crowd(ckpt: Checkpointer, tag: str, proc: int, threads: int) -> None:
+    from ai2_kit.core.checkpoint import _runs
+
+    _runs.FLUSH_EVERY = 0.05  # run records written all the time, not every 5 s
+    out = threading.Lock()
+
+    def step(key: str) -> Any:
+        if int(key[-5:]) % 8 == 5:
+            time.sleep(ckpt.lease * 0.7)  # the heartbeat renews the lease meanwhile
+        return crowd_value(key)
+
+    def work(t: int) -> None:
+        for i in range(100_000):
+            key = crowd_key(tag, proc, t, i)
+            ckpt(key)(step)(key)
+            with out:
+                sys.stdout.write(f"ack {key}\n")
+                sys.stdout.flush()
+
+    workers = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
 
 
 def without_fsync(of: str, base: type[Store]) -> type[Store]:
@@ -61,6 +149,8 @@ def without_fsync(of: str, base: type[Store]) -> type[Store]:
 def open_kind(kind: str, location: str, control: str) -> Store:
     if control == "sync-off":
         return NoSyncSQLiteStore(location)
+    if control == "unsynced-claims":
+        return UnsyncedClaimsSQLiteStore(location)
     base = SQLiteStore if kind == "sqlite" else DirectoryStore
     if control == "no-dir-fsync":
         return without_fsync("dir", base)(location)
@@ -77,7 +167,7 @@ def main() -> None:
     role, kind, location, control = sys.argv[1:5]
     args = sys.argv[5:]
     lease = float(os.environ.get("AI2_KIT_TEST_LEASE", "60"))
-    ckpt = Checkpointer(store=open_kind(kind, location, control), dedup=role == "claimer", lease=lease)
+    ckpt = Checkpointer(store=open_kind(kind, location, control), dedup=role in ("claimer", "crowd"), lease=lease)
     print("ready", flush=True)
     if role == "writer":
         tag, big_every, count = args[0], int(args[1]), int(args[2])
@@ -98,6 +188,8 @@ def main() -> None:
             return "never"
 
         ckpt(args[0])(slow)()
+    elif role == "crowd":
+        crowd(ckpt, args[0], int(args[1]), int(args[2]))
     else:
         raise SystemExit(f"unknown role {role}")
 

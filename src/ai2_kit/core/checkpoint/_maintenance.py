@@ -10,9 +10,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ._errors import CheckpointError, CorruptEntryError, StoreDamagedError
 from ._keys import key_matcher
-from .stores import DirectoryStore, SQLiteStore, Store
+from .stores import DirectoryStore, SQLiteStore, Store, is_postgres_url
 
-__all__ = ["VerifyReport", "CopyReport", "Progress", "no_progress", "verify_store", "copy_entries", "salvage"]
+__all__ = ["VerifyReport", "CopyReport", "Progress", "no_progress", "verify_store", "copy_entries", "salvage",
+           "same_store"]
 
 logger = logging.getLogger("ai2_kit.core.checkpoint")
 
@@ -126,6 +127,11 @@ def copy_entries(
     created time, duration, fingerprints) is kept. An entry that cannot be
     read or written is listed in ``failed`` with the reason; the rest go on.
     """
+    if same_store(src, dst):
+        # Every entry would be rewritten over itself (and, before side files
+        # were found from the real path, left damaged): refused, untouched.
+        raise CheckpointError(f"copy needs a destination other than the store itself: {dst.location} is "
+                              f"{src.location}. Pick another path")
     report = CopyReport()
     skip = [key_matcher(p) for p in ([exclude] if isinstance(exclude, str) else exclude or [])]
     for key in progress(_keys(src, pattern), None if pattern else _total(src), "copy"):
@@ -149,9 +155,26 @@ def copy_entries(
     return report
 
 
+def same_store(a: Store, b: Store) -> bool:
+    """Whether two open stores are one, however their locations are spelled.
+
+    Relative and absolute paths, symbolic links to the file or to a folder on
+    the way, and hard links all name the same file (``os.path.samefile``).
+    """
+    la, lb = str(a.location), str(b.location)
+    if la == lb:
+        return True
+    if is_postgres_url(la) or is_postgres_url(lb):
+        return False
+    try:
+        return os.path.samefile(la, lb)
+    except FileNotFoundError:  # one of them is not there (yet): not the same
+        return False
+
+
 def salvage(src: Store, dst: Store, progress: Progress = no_progress) -> CopyReport:
     """Copy every readable entry of a damaged store into a new one; ``src`` is untouched."""
-    if os.path.abspath(str(src.location)) == os.path.abspath(str(dst.location)):
+    if same_store(src, dst):
         raise CheckpointError("salvage needs a new destination, not the damaged store itself")
     return copy_entries(src, dst, progress=progress)
 

@@ -95,10 +95,21 @@ class ForkGate:
         local = self._depth
         depth = getattr(local, "n", 0)
         if depth == 0:
-            with self._lock:
-                while self._forking:
-                    self._cond.wait()
-                self._active += 1
+            counted = False
+            try:
+                with self._lock:
+                    while self._forking:
+                        self._cond.wait()
+                    self._active += 1
+                    counted = True
+            except BaseException:
+                # A KeyboardInterrupt raised as the lock was let go: the caller
+                # never gets ``depth`` to leave with, so the count is undone
+                # here, or the next fork would wait for ever.
+                if counted:
+                    with self._lock:
+                        self._active -= 1
+                raise
         local.n = depth + 1
         return depth
 

@@ -216,13 +216,19 @@ class SQLiteStore(Store):
         self, path: str, *, readonly: bool = False, create: bool = True, journal: Optional[str] = None
     ) -> None:
         path = store_path(path)
-        self._journal = journal
+        self._journal = check_journal(path, journal)
         super().__init__(path, readonly=readonly)
         self.path = path
-        self.blob_dir = path + ".blobs"
+        # Side files beside the database itself, not beside the name it was
+        # opened by: a store reached through a symbolic link (or through
+        # another one, or by its real path) finds the same side files.
+        # (SQLite puts its -wal and -journal files beside the real file too.)
+        self.real_path = os.path.realpath(path)
+        self.blob_dir = self.real_path + ".blobs"
         self._ro_plain: bool | None = None  # see _connect_readonly
         self._hit_cols = False  # whether ``entries`` has the _HIT_COLUMNS (see _check_schema)
         self._wal = False  # whether the file is in WAL mode (see _open_conn)
+        self._runs_table = False  # whether ``runs`` is known to exist (see _put_run)
         # Connections per thread, closed with their thread and before any fork;
         # saves that arrive together share one commit (stores/_conns.py).
         self._conns = ThreadConnections(self._open_conn, _close_quietly, close_at_fork=True)
@@ -243,7 +249,7 @@ class SQLiteStore(Store):
         self._opened_id = identity(path)
         if not readonly and not os.access(path, os.W_OK):
             self.readonly, self.readonly_reason = True, "no write permission on the file"
-        elif not readonly and not os.access(os.path.dirname(path), os.W_OK):
+        elif not readonly and not os.access(os.path.dirname(self.real_path), os.W_OK):
             # SQLite needs its folder for the journal or the WAL's side files.
             self.readonly, self.readonly_reason = True, "no write permission on the file's folder"
         with self._conns.gate.shared():  # no fork lands inside the first queries
@@ -257,8 +263,11 @@ class SQLiteStore(Store):
         process would see a 0-byte or foreign-looking file and refuse it.
         ``link`` fails if someone else won the race, and we use theirs.
         """
-        parent = os.path.dirname(self.path)
-        tmp = temp_name(self.path)
+        # At the real path: a name that is a symbolic link to a file not there
+        # yet gets the file where the link points (and its side files beside it).
+        target = self.real_path
+        parent = os.path.dirname(target)
+        tmp = temp_name(target)
         try:
             created = make_dirs(parent, "")
             conn = sqlite3.connect(tmp, isolation_level=None)
@@ -291,13 +300,13 @@ class SQLiteStore(Store):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             try:
-                os.link(tmp, self.path)
+                os.link(tmp, target)
             except FileExistsError:
                 pass
             except OSError:
                 # File systems without hard links: rename, accepting a tiny race.
-                if not os.path.exists(self.path):
-                    os.replace(tmp, self.path)
+                if not os.path.exists(target):
+                    os.replace(tmp, target)
         except (OSError, sqlite3.Error) as e:
             raise StoreOpenError(self.path, *_cannot_create(parent, e)) from e
         finally:
@@ -332,7 +341,7 @@ class SQLiteStore(Store):
 
     def _connect_readonly(self) -> sqlite3.Connection:
         if self._ro_plain is None:
-            self._ro_plain = _wal_at_rest(self.path)
+            self._ro_plain = _wal_at_rest(self.real_path)  # its -wal file is beside the real file
         if self._ro_plain:
             # A WAL database nobody has open: a read-only connection would
             # create -wal and -shm files and leave them behind (it may not
@@ -384,7 +393,13 @@ class SQLiteStore(Store):
         """This thread's connection (use it inside ``_session``, so that a fork waits for it)."""
         if self.closed:
             raise StoreOpenError(self.path, "the store is closed", "Open it again")
-        return self._conns.get()
+        conn = self._conns.get()
+        if conn.in_transaction:
+            # No transaction of ours outlives the call that began it; one open
+            # now was left by an exception that struck its cleanup (a second
+            # Ctrl-C). Its statements would join it and never commit.
+            _end_transaction(conn)
+        return conn
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[sqlite3.Connection]:
@@ -429,10 +444,7 @@ class SQLiteStore(Store):
         return ""
 
     def _wanted_journal(self) -> str:
-        want = (self._journal or os.environ.get("AI2_KIT_CHECKPOINT_JOURNAL", "")).lower()
-        if not want:
-            want = "delete" if is_network_fs(self.path) else "wal"
-        return want
+        return self._journal or ("delete" if is_network_fs(self.path) else "wal")
 
     def _set_journal_mode(self, conn: sqlite3.Connection) -> None:
         want = self._wanted_journal()
@@ -600,18 +612,19 @@ class SQLiteStore(Store):
         if self._conns.change(_UPSERT, row) == 1:
             return None  # inserted, or replaced a row without a side file
         # The row it would replace names a side file (or a transaction was left
-        # open on this connection: BEGIN IMMEDIATE then fails, as it always did).
+        # open on this connection: ``_conn`` rolls it back before BEGIN IMMEDIATE).
         return self._write_rows([row])[0]
 
     def _write_rows(self, rows: list[_Row]) -> list[str | None]:
         """Commit ``rows`` in one transaction; returns each one's replaced side file (or None)."""
         keys = list({row[0] for row in rows})
-        gate = self._conns.gate
-        depth = gate.enter()  # no fork() lands inside (``_session`` without a generator: every save)
-        try:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
+        # The fork gate and the connection through ``_session``: taken and
+        # given back by one context manager, so that an interrupt arriving
+        # as the gate is entered cannot leave it counted (a later fork would
+        # wait for ever). Every lone save goes the short way (``_write_one``).
+        with self._session() as conn:
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 # Set only once committed: a rolled-back ALTER leaves the old columns.
                 cols = self._hit_cols or _add_hit_columns(conn)
                 # One query for the side files being replaced and one prepared
@@ -633,12 +646,12 @@ class SQLiteStore(Store):
                     conn.executemany(_INSERT_OLD, [row[:5] for row in rows])
                 conn.execute("COMMIT")
                 self._hit_cols = cols
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            gate.leave(depth)
+            finally:
+                # BEGIN inside the try: an exception arriving as BEGIN returns
+                # (a KeyboardInterrupt that came while it waited for the lock)
+                # is undone here too, instead of leaving the thread's
+                # connection in a transaction that holds the write lock.
+                _end_transaction(conn)
         olds: list[str | None] = []
         for key, _, _, _, blob, *_ in rows:  # in order: a key twice replaces its own earlier row
             old = current.get(key)
@@ -656,8 +669,8 @@ class SQLiteStore(Store):
         blobs: list[str] = []
         removed = 0
         with self._session() as conn:
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 for key in keys:
                     row = conn.execute("SELECT blob FROM entries WHERE key=?", (key,)).fetchone()
                     if row is None:
@@ -667,10 +680,8 @@ class SQLiteStore(Store):
                     if row[0] is not None:
                         blobs.append(row[0])
                 conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            finally:
+                _end_transaction(conn)  # whatever arrived before COMMIT, KeyboardInterrupt included
         for name in blobs:  # after the commit: a crash here only leaves orphans
             self._unlink_blob(name)
         return removed
@@ -707,28 +718,26 @@ class SQLiteStore(Store):
             op, bound = ">", rows[-1][0]
 
     # -- leases (one host: the local clock is the only clock) -----------------
-    def _unsynced_txn(self, sql: str, params: tuple[Any, ...]) -> int:
+    def _one_statement(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one writing statement as a transaction of its own; returns the rows it changed.
+
+        Claims, lease renewals and run records commit exactly as entries do
+        (``synchronous=EXTRA``, set once per connection and never changed).
+        They share the database and its WAL with the entries: a commit of
+        theirs at a lower setting that crossed the WAL's auto-checkpoint
+        threshold copied the WAL into the database unsynced, and the next
+        synced save restarted the WAL over pages the database did not
+        durably hold, losing acknowledged entries and damaging indexes in a
+        power cut (docs/reliability.md). One statement outside ``BEGIN`` is
+        atomic on its own, so no transaction is left open, whatever
+        exception arrives.
+        """
         with self._session() as conn:
-            # Leases and run records need not survive a power cut (at worst a
-            # step runs twice, or a report misses a run's last counts), so
-            # their commits skip the fsync that entries pay for.
-            conn.execute("PRAGMA synchronous=OFF")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    n = conn.execute(sql, params).rowcount
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            finally:
-                conn.execute(f"PRAGMA synchronous={_SYNC}")
-        return int(n)
+            return int(conn.execute(sql, params).rowcount)
 
     def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
         now = time.time()
-        return self._unsynced_txn(
+        return self._one_statement(
             "INSERT INTO claims (key, owner, expires) VALUES (?, ?, ?) "
             "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
             "WHERE claims.expires < ? OR claims.owner = excluded.owner",
@@ -736,20 +745,22 @@ class SQLiteStore(Store):
         ) == 1
 
     def _renew_claim(self, key: str, owner: str, ttl: float) -> bool:
-        return self._unsynced_txn(
+        return self._one_statement(
             "UPDATE claims SET expires = ? WHERE key = ? AND owner = ?", (time.time() + ttl, key, owner)
         ) == 1
 
     def _release_claim(self, key: str, owner: str) -> None:
-        self._unsynced_txn("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+        self._one_statement("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
     def _gone(self) -> str | None:
         return gone_reason(self.path, self._opened_id)
 
     # -- runs (a table added on first use: older stores simply have none) -------
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
-        self._unsynced_txn(_RUNS_TABLE, ())
-        self._unsynced_txn("INSERT OR REPLACE INTO runs (id, record) VALUES (?, ?)", (run_id, json.dumps(record)))
+        if not self._runs_table:
+            self._one_statement(_RUNS_TABLE, ())
+            self._runs_table = True
+        self._one_statement("INSERT OR REPLACE INTO runs (id, record) VALUES (?, ?)", (run_id, json.dumps(record)))
 
     def _iter_runs(self) -> Iterator[dict[str, Any]]:
         try:
@@ -840,6 +851,47 @@ def _add_hit_columns(conn: sqlite3.Connection) -> bool:
         logger.debug("entries of this store keep their old columns: %s", e)
         return False
     return True
+
+
+def _end_transaction(conn: sqlite3.Connection) -> None:
+    """Roll back the connection's open transaction, if any (a commit clears it first).
+
+    Called from ``finally`` blocks: an error of the rollback is logged, not
+    raised, so that the exception that led here is the one the caller sees;
+    the next ``_conn`` of the thread tries again.
+    """
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            logger.warning("could not roll back an unfinished transaction: %s", e)
+
+
+#: Journal modes a store may be asked for: each keeps a committed entry
+#: through a power cut at ``synchronous=EXTRA``. (``memory`` and ``off`` keep
+#: no journal on the disk: a crash mid-commit damages the file.)
+JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
+JOURNAL_ENV = "AI2_KIT_CHECKPOINT_JOURNAL"
+
+
+def check_journal(path: str, journal: Optional[str]) -> Optional[str]:
+    """The journal mode asked for by ``journal=`` or else $AI2_KIT_CHECKPOINT_JOURNAL (lower case), or None.
+
+    Anything but ``JOURNAL_MODES`` is refused before the file is touched,
+    with one line naming where the value came from.
+    """
+    source = "journal="
+    if not journal:  # None or "": the variable decides
+        journal, source = os.environ.get(JOURNAL_ENV, ""), JOURNAL_ENV
+        if not journal.strip():
+            return None
+    want = journal.strip().lower() if isinstance(journal, str) else journal
+    if want not in JOURNAL_MODES:
+        raise StoreOpenError(
+            path, f"journal mode {journal!r} (from {source}) is not accepted",
+            f"Use one of: {', '.join(JOURNAL_MODES)}" + (f", or unset {JOURNAL_ENV}" if source == JOURNAL_ENV else ""),
+        )
+    return str(want)
 
 
 def _close_quietly(conn: sqlite3.Connection) -> None:
