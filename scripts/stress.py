@@ -12,6 +12,8 @@ up through environment variables and collects the figures they print.
     python scripts/stress.py --fuzz 2000      # only the record fuzz test, 2000 rounds per store kind
     python scripts/stress.py --crowd 100      # only the power cuts of many writers at once
                                               # (claims, renewals, run records), 100 cuts per store
+    python scripts/stress.py --liveness       # tests/test_liveness.py, long: cancellation
+                                              # and Ctrl-C storms (every wait ends)
 """
 
 from __future__ import annotations
@@ -73,11 +75,18 @@ def main() -> int:
                              "per store kind; AI2_KIT_FUZZ_SEED picks another seed")
     parser.add_argument("--crowd", type=int, metavar="CUTS",
                         help="only the power cuts of several writer processes at once, CUTS per store")
+    parser.add_argument("--liveness", action="store_true",
+                        help="run tests/test_liveness.py with many more cancellation and Ctrl-C storms instead")
     args = parser.parse_args()
     if args.fuzz:
         env = dict(os.environ, AI2_KIT_FUZZ_ROUNDS=str(args.fuzz))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=0",
                "tests/test_records.py::test_fuzz_records"]
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if args.liveness:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=0",
+               "tests/test_liveness.py", *(["-k", args.k] if args.k else [])]
+        env = dict(os.environ, AI2_KIT_LIVENESS_LONG="" if args.quick else "1")
         return subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if args.parse:
         with open(args.parse, encoding="utf-8") as f:

@@ -44,6 +44,7 @@ import pytest
 
 import ai2_kit.core.checkpoint as package
 from ai2_kit.core.checkpoint.stores import SQLiteStore, _sqlite
+from ai2_kit.core.checkpoint.stores._sqlite import BUSY_TIMEOUT_S
 
 PKG = os.path.dirname(os.path.abspath(package.__file__))
 STORES = os.path.join(PKG, "stores")
@@ -101,6 +102,11 @@ def problems(store: SQLiteStore) -> list[str]:
         level = conn.execute("PRAGMA synchronous").fetchone()[0]
         if level != EXTRA:
             found.append(f"a connection is at synchronous={level}")
+        # A run record waits for the write lock a short while only; that
+        # shorter wait must not outlive its statement.
+        wait = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+        if wait != int(BUSY_TIMEOUT_S * 1000):
+            found.append(f"a connection waits {wait} ms for the write lock")
     gate = store._conns.gate
     if gate._active or gate.inside():
         found.append(f"the fork gate counts {gate._active} operation(s) in flight")

@@ -33,6 +33,7 @@ from ._checkpointer import (
     _normalize_location,
     _plain_wrapper,
     _warn_off,
+    check_seconds,
     checkpointer_for,
     make_wrapper,
 )
@@ -126,7 +127,7 @@ def _respec(old: StoreSpec, options: dict[str, Any]) -> StoreSpec:
         elif name == "store_options":
             changes[name] = tuple(sorted(dict(value or {}).items()))
         elif name == "lease":
-            changes[name] = float(value)
+            changes[name] = check_seconds("lease", value)
         else:
             changes[name] = value
     return dataclasses.replace(old, **changes)

@@ -23,6 +23,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import pickle
 import secrets
@@ -40,7 +41,7 @@ from ._fingerprint import check_environment_policy, explain, fingerprint, hit_di
 from ._keys import validate_key
 from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
-from .stores._base import LARGE, MISSING
+from .stores._base import LARGE, MISSING, check_seconds
 from .stores._fs import HOST
 from .stores._sqlite import key_crc
 
@@ -137,15 +138,21 @@ _busy_lock = threading.Lock()
 
 def _done_one(_: object) -> None:
     with _busy_lock:
-        _busy[0] -= 1
+        # Never below zero: an interrupted _submit may count a job out twice,
+        # and a negative count would keep the loop's own reads off for good
+        # (the count only chooses where small reads run).
+        _busy[0] = max(0, _busy[0] - 1)
 
 
 def _submit(func: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    counted = False
     try:
         with _busy_lock:
             _busy[0] += 1
+            counted = True
         job = _executor().submit(func, *args)
         job.add_done_callback(_done_one)
+        counted = False  # the callback counts it out (at once if the job is done already)
         return job
     except RuntimeError:
         _done_one(None)  # interpreter shutting down: do it here and now
@@ -155,6 +162,10 @@ def _submit(func: Callable[..., Any], *args: Any) -> concurrent.futures.Future[A
         except BaseException as e:
             fut.set_exception(e)
         return fut
+    except BaseException:
+        if counted:  # interrupted before the job could count itself out: the loop's reads would stay off
+            _done_one(None)
+        raise
 
 
 async def _offload(func: Callable[..., R], *args: Any) -> R:
@@ -205,10 +216,19 @@ class _Lane:
         self.armed = False
         self.spent = 0.0
         self.admitted = 0
-        for _ in range(min(_LANE_WAKE, len(self.waiters))):
-            fut = self.waiters.popleft()
+        # Wake up to a turn's worth of *live* waiters: a cancelled one is
+        # skipped, not counted, or a block of cancelled callers would use up
+        # the turn and leave the live ones behind them asleep.
+        woken, waiters = 0, self.waiters
+        while waiters and woken < _LANE_WAKE:
+            fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+                woken += 1
+        if waiters:
+            # The lane re-arms itself while anyone waits: a woken caller may be
+            # cancelled before it runs, and then nobody else would.
+            self.arm(asyncio.get_running_loop())  # refill runs as a callback of its loop
 
 
 _lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
@@ -496,8 +516,7 @@ class Checkpointer:
         if (location is None) == (store is None):
             raise TypeError("Checkpointer needs exactly one of location or store")
         self.stale = _check_policy(stale)
-        if not lease > 0:
-            raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
+        lease = check_seconds("lease", lease)
         opts = dict(store_options or {})
         if store is None:
             store = open_store(location, prefer=prefer, readonly=readonly, signing_key=signing_key, **opts)
@@ -573,7 +592,7 @@ class Checkpointer:
 
     def _close_store(self) -> None:
         if self._run is not None:
-            self._run.flush()  # the run's last counts, while the store is still open
+            self._run.flush(final=True)  # the run's last counts, while the store is still open
         self.store.close()
 
     # -- lifetime: calls in flight keep the store open ----------------------------------
@@ -770,8 +789,14 @@ class Checkpointer:
     def _flight_scope(self) -> tuple[str, str, Any]:
         return (self.store.kind, self.store.location, getattr(self.store, "schema", None))
 
-    def _join_flight(self, key: str, fn: Any, awaitable: bool) -> tuple[_Flight, bool]:
-        """(flight, True) when this caller computes ``key``; (flight, False) to wait for it."""
+    def _join_flight(self, key: str, fn: Any, awaitable: bool,
+                     owned: Optional[list[_Flight]] = None) -> tuple[_Flight, bool]:
+        """(flight, True) when this caller computes ``key``; (flight, False) to wait for it.
+
+        ``owned``: a new flight of this caller is also appended to it, under
+        the lock, so that an interrupt arriving before the caller has stored
+        the answer still finds the flight to end (else its waiters wait for ever).
+        """
         scope = (self._flight_scope(), key)
         with _flights.lock:
             cur = _flights.table.get(scope)
@@ -781,6 +806,8 @@ class Checkpointer:
             if awaitable:
                 flight.loop_thread = threading.get_ident()
             _flights.table[scope] = flight
+            if owned is not None:
+                owned.append(flight)
             return flight, True
 
 
@@ -903,10 +930,15 @@ class _Heartbeat:
         self._due: dict[Lease, float] = {}
         self._thread: Optional[threading.Thread] = None
 
+    #: The longest the thread sleeps at once, whatever a lease says.
+    MAX_WAIT = 3600.0
+
     def add(self, lease: Lease) -> None:
         with self._cond:
-            self._due[lease] = time.monotonic() + lease.ckpt.lease / 3
-            if self._thread is None:
+            self._due[lease] = time.monotonic() + _period(lease)
+            if self._thread is None or not self._thread.is_alive():
+                # (Started again should it ever have ended: a dead heartbeat
+                # would let every claim of the process expire under its owner.)
                 self._thread = threading.Thread(target=self._run, name="ai2-kit-lease", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -917,17 +949,38 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                now = time.monotonic()
-                due = [lease for lease, t in self._due.items() if t <= now]
-                if not due:
-                    wait = min(self._due.values(), default=now + 3600) - now
-                    self._cond.wait(wait)
-                    continue
-                for lease in due:
-                    self._due[lease] = now + lease.ckpt.lease / 3
+            try:
+                self._turn()
+            except Exception as e:  # one lease's failure must not end the renewals of all the others
+                logger.warning("The claim heartbeat met an error and goes on: %s: %s", type(e).__name__, e)
+                time.sleep(0.1)  # a pause before the next turn, so that a persistent error cannot spin
+
+    def _turn(self) -> None:
+        with self._cond:
+            now = time.monotonic()
+            due = [lease for lease, t in self._due.items() if t <= now]
+            if not due:
+                wait = min(self._due.values(), default=now + self.MAX_WAIT) - now
+                self._cond.wait(min(max(wait, 0.0), self.MAX_WAIT))
+                return
             for lease in due:
+                self._due[lease] = now + _period(lease)
+        for lease in due:
+            try:
                 lease.renew()
+            except Exception as e:  # renew() reports store errors itself; anything else is logged here
+                logger.warning("Could not renew the claim on checkpoint %s: %s: %s", lease.key, type(e).__name__, e)
+
+
+def _period(lease: Lease) -> float:
+    """Seconds between two renewals of ``lease``: a third of its length, bounded."""
+    try:
+        period = float(lease.ckpt.lease) / 3
+    except (TypeError, ValueError):
+        return _Heartbeat.MAX_WAIT
+    if not math.isfinite(period) or period <= 0:
+        return _Heartbeat.MAX_WAIT
+    return min(period, _Heartbeat.MAX_WAIT)
 
 
 _heartbeat = _Heartbeat()
@@ -1455,6 +1508,7 @@ class CheckpointedFunction:
                 return fn(*args, **kwargs)
         lease: Optional[Lease] = None
         flight: Optional[_Flight] = None
+        owned: list[_Flight] = []  # our own flight, once we have one (see _join_flight)
         handed_over = False
         try:
             site: Optional[str] = None
@@ -1471,12 +1525,16 @@ class CheckpointedFunction:
                 site = _call_site(1)
             if ckpt.dedup:
                 while True:
-                    flight, mine = ckpt._join_flight(k, fn, False)
+                    # ``flight`` is set only to a flight of our own: the finally
+                    # below ends it, and ending another caller's (we were
+                    # interrupted while waiting for it, or found its result)
+                    # would wake its waiters while its owner still computes.
+                    theirs, mine = ckpt._join_flight(k, fn, False, owned)
                     if mine:
+                        flight = theirs
                         break
                     _log_wait(k)
-                    if not flight.wait_sync():
-                        theirs, flight = flight, None
+                    if not theirs.wait_sync():
                         if theirs.fn is fn:
                             # The owner is an awaitable on this thread's loop, made by this
                             # same function: ours is an awaitable too, that awaits theirs.
@@ -1508,6 +1566,8 @@ class CheckpointedFunction:
             ckpt.save(k, ret, **self._fields(site, started, False, fp))
             return ret
         finally:
+            if flight is None and owned:
+                flight = owned[0]  # interrupted as it became ours
             if not handed_over:
                 if lease is None and flight is None:
                     ckpt._leave()  # a hit, or a plain miss: nothing else to end

@@ -7,7 +7,9 @@ can say which run computed what and how much time the hits saved.
 
 The counters are bumped on the hot path (a lock and a few additions) and
 written by a background thread every ``FLUSH_EVERY`` seconds when they
-changed, and once more at exit: a hit never waits for the store.
+changed, and once more at exit: a hit never waits for the store, and the
+exit waits for the last write at most ``EXIT_BOUND`` seconds (a record is a
+report, written best effort: one WARNING when it could not be written).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 FLUSH_EVERY = 5.0
 #: Stale keys remembered per run (the report lists them).
 MAX_STALE_KEYS = 1000
+#: The longest the exit of a process waits for its last run records to be written.
+EXIT_BOUND = 1.0
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -145,6 +149,7 @@ class RunRecorder:
         self._lock = threading.Lock()  # one flush at a time
         self._unwritten = True  # the record itself was never written
         self._store_gone = False  # the store was removed: nothing more is written
+        self._warned = False  # said once that the record could not be written
         self.record: dict[str, Any] = {
             "id": self.id,
             "host": HOST,
@@ -205,8 +210,12 @@ class RunRecorder:
                 rec["save_failures"] += 1
         return n > 0
 
-    def flush(self) -> None:
-        """Write the record if something happened since the last write."""
+    def flush(self, final: bool = False) -> None:
+        """Write the record if something happened since the last write.
+
+        ``final``: the last write (at exit, or as the store closes): a failure
+        is a WARNING, since no later flush will write it again.
+        """
         if os.getpid() != self.pid:
             return  # a forked child's copy: the parent writes this run
         with self._lock:
@@ -223,7 +232,18 @@ class RunRecorder:
                 self._store_gone = True
                 logger.warning("run %s not recorded: %s", self.id, e)
             except Exception as e:  # a run record is a report, never worth failing a step for
-                logger.debug("could not write run %s to %s: %s", self.id, self.store.location, e)
+                if final:
+                    self.warn_unwritten(f"{type(e).__name__}: {e}")
+                else:  # the next flush writes it again
+                    logger.debug("could not write run %s to %s: %s", self.id, self.store.location, e)
+
+    def warn_unwritten(self, why: str) -> None:
+        """The one WARNING for a run whose record could not be written."""
+        if not self._warned:
+            self._warned = True
+            logger.warning("The run record %s could not be written to %s (%s); the results are saved, "
+                           "only this run's counts are missing from 'runs' and the report",
+                           self.id, self.store.location, why)
 
     def _untouched(self) -> bool:
         """A run that neither saved nor hit anything is not worth a record."""
@@ -238,6 +258,10 @@ class _Flusher:
         self._live: weakref.WeakSet[RunRecorder] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        #: Set to have the thread flush now (at exit), instead of at its next period.
+        self._wake = threading.Event()
+        self._final = False
+        self._final_done = threading.Event()
 
     def add(self, recorder: RunRecorder) -> None:
         with self._lock:
@@ -248,24 +272,60 @@ class _Flusher:
 
     def _loop(self) -> None:
         while True:
-            time.sleep(FLUSH_EVERY)  # a timer, not a wait for a state: flushing is periodic by design
-            self.flush_all()
+            # A timer (flushing is periodic by design), cut short by the exit's request.
+            self._wake.wait(FLUSH_EVERY)
+            final = self._final
+            self._wake.clear()
+            try:
+                self.flush_all(final)
+            except Exception as e:  # a report's trouble must not end the thread that writes the others
+                logger.debug("flushing run records failed: %s", e)
+            finally:
+                if final:
+                    self._final_done.set()
 
-    def flush_all(self) -> None:
+    def flush_all(self, final: bool = False) -> None:
         with self._lock:
             live = list(self._live)
         for recorder in live:
             if recorder._events or recorder._unwritten:
-                recorder.flush()
+                recorder.flush(final)
+
+    def flush_at_exit(self) -> None:
+        """The last flush, waited for at most ``EXIT_BOUND`` seconds.
+
+        Done by the flusher's own thread (none can be started this late on
+        every Python), which the exit waits for a bounded time: a store that
+        is busy (another process holds its write lock), unreachable or slow
+        must not hold the exit of a workflow whose results are all saved;
+        what is not written by then is left out, with a WARNING.
+        """
+        with self._lock:
+            pending = [r for r in self._live if (r._events or r._unwritten) and r.pid == os.getpid()]
+            thread = self._thread
+        if not pending:
+            return
+        if thread is None or not thread.is_alive():
+            self.flush_all(True)  # (no thread to wait for: each store's own bounds apply)
+            return
+        self._final = True
+        self._wake.set()
+        if not self._final_done.wait(EXIT_BOUND):
+            for recorder in pending:
+                if recorder._events or (recorder._unwritten and not recorder._untouched()):
+                    recorder.warn_unwritten(f"not written within {EXIT_BOUND:g} s of the exit")
 
     def after_fork(self) -> None:
         # The child has none of the parent's threads; its runs are its own.
         self._live = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread = None
+        self._wake = threading.Event()
+        self._final = False
+        self._final_done = threading.Event()
 
 
 _flusher = _Flusher()
-atexit.register(_flusher.flush_all)
+atexit.register(_flusher.flush_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_flusher.after_fork)

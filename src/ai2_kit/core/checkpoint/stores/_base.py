@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import sqlite3
 import time
@@ -53,6 +55,21 @@ MISSING: Any = object()
 #: What ``Store.lookup_fast`` answers, when given a ``limit``, for an entry
 #: larger than that (or in a side file): the value was not read.
 LARGE: Any = object()
+
+
+def check_seconds(name: str, value: Any) -> float:
+    """``value`` as a number of seconds for the option ``name``: finite and positive.
+
+    Checked where the option comes in, with one line naming it: an infinite
+    lease used to reach the heartbeat thread, whose wait then failed, and
+    every other lease of the process stopped being renewed.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name} must be a finite positive number of seconds, not {value!r}")
+    return seconds
 
 
 class Hit(NamedTuple):

@@ -39,7 +39,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
 
 __all__ = ["ForkGate", "ThreadConnections", "GroupCommit"]
 
@@ -340,7 +340,7 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Request(Generic[T, R]):
-    __slots__ = ("item", "size", "thread", "wakeup", "lead", "done", "result", "error")
+    __slots__ = ("item", "size", "thread", "wakeup", "lead", "done", "gone", "result", "error")
 
     def __init__(self, item: T, size: int) -> None:
         self.item = item
@@ -350,10 +350,43 @@ class _Request(Generic[T, R]):
         # cheaper than an Event, which matters at thousands of saves a second.
         self.wakeup = threading.Lock()
         self.wakeup.acquire()
+        #: This caller holds the lead (set and cleared under the commit's lock only).
         self.lead = False
         self.done = False
+        #: Its caller stopped waiting (interrupted): never hand it the lead, never queue it again.
+        self.gone = False
         self.result: R | None = None
         self.error: BaseException | None = None
+
+
+class _Lead:
+    """A caller writing alone holds the lead through this (no request, no lock of its own)."""
+
+    __slots__ = ("lead",)
+
+    def __init__(self) -> None:
+        self.lead = False
+
+
+def _to_the_end(fn: Callable[..., None], *args: Any) -> None:
+    """Run the idempotent ``fn(*args)`` to its end even when KeyboardInterrupt arrives meanwhile.
+
+    A Ctrl-C can land between any two steps of the main thread; bookkeeping
+    that hands the lead on or wakes waiters must not stop half-way (the
+    waiters would wait for ever), so it runs again, and the interrupt is
+    raised once it has finished.
+    """
+    interrupted: Optional[BaseException] = None
+    for _ in range(1000):
+        try:
+            fn(*args)
+        except BaseException as e:  # KeyboardInterrupt, or an exception raised asynchronously
+            if interrupted is None:
+                interrupted = e
+            continue
+        break
+    if interrupted is not None:
+        raise interrupted
 
 
 class GroupCommit(Generic[T, R]):
@@ -375,7 +408,10 @@ class GroupCommit(Generic[T, R]):
     Each caller returns only once its own item is committed, with its own
     result or error: when a batch fails, its items are written again one by
     one (unless ``shared_failure(error)`` says the error is not about the
-    items, like a lock timeout), so a bad item fails alone.
+    items, like a lock timeout or an unreachable server), so a bad item fails
+    alone. A shared failure fails, at once, the batch and every caller that
+    queued meanwhile, each with that error, instead of each trying again in
+    turn and waiting out the same timeout.
     """
 
     #: The longest a leader waits for others to queue up, in seconds (and never
@@ -404,104 +440,143 @@ class GroupCommit(Generic[T, R]):
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._enough = threading.Condition(self._lock)
         self._queue: list[_Request[T, R]] = []
         self._busy = False
         self._waiting = False
+        self._enough = threading.Lock()
         self._target = 1  # how many items a leader waits for
         self._last_threads: set[int] = set()
         self._delay = 0.0  # how long the last commit took
 
     def submit(self, item: T, size: int = 0) -> R:
-        """Write ``item`` (with others that arrive together); returns its result once committed."""
-        with self._lock:
-            # Nobody writing, nobody queued, and the last batches came from one
-            # thread: write at once, without a request to queue and hand over
-            # (a sequential workflow's every save). Others arriving meanwhile
-            # queue up as usual and are handed the lead afterwards.
-            alone = not self._busy and not self._queue and self._target <= 1
-            if alone:
-                self._busy = True
-        if alone:
-            return self._write_alone(item)
+        """Write ``item`` (with others that arrive together); returns its result once committed.
+
+        Whatever interrupts the caller (KeyboardInterrupt in the main thread,
+        at any point) is undone before it propagates: its item withdrawn if
+        still queued, the lead handed on, the waiters of a batch it led woken
+        (``_abandon``, ``_finish``), so the other callers never wait for ever.
+        """
+        solo = _Lead()
+        try:
+            with self._lock:
+                # Nobody writing, nobody queued, and the last batches came from one
+                # thread: write at once, without a request to queue and hand over
+                # (a sequential workflow's every save). Others arriving meanwhile
+                # queue up as usual and are handed the lead afterwards.
+                if not self._busy and not self._queue and self._target <= 1:
+                    self._busy = solo.lead = True
+            if solo.lead:
+                return self._write_alone(solo, item)
+        except BaseException:
+            _to_the_end(self._hand_on, solo)  # (nothing to do unless the lead was taken)
+            raise
         me: _Request[T, R] = _Request(item, size)
-        with self._lock:
-            self._queue.append(me)
-            if not self._busy:
-                self._busy = me.lead = True
-            elif self._waiting and len(self._queue) >= self._target:
-                self._enough.notify()
-        if not me.lead:
-            try:
-                me.wakeup.acquire()
-            except BaseException:
-                self._abandon(me)
-                raise
-        if not me.done:  # leading: our item is first in the queue
-            self._lead(me)
+        try:
+            with self._lock:
+                self._queue.append(me)
+                if not self._busy:
+                    self._busy = me.lead = True
+                elif self._waiting and len(self._queue) >= self._target:
+                    self._waiting = False
+                    self._enough.release()
+            if not me.lead:
+                me.wakeup.acquire()  # released once our item is done, or the lead is ours
+            if not me.done:  # leading: our item is first in the queue
+                self._lead(me)
+        except BaseException:
+            _to_the_end(self._abandon, me)
+            raise
         if me.error is not None:
             raise me.error
         return me.result  # type: ignore[return-value]
 
-    def _write_alone(self, item: T) -> R:
+    def _write_alone(self, solo: _Lead, item: T) -> R:
         """``_lead`` for a batch of one caller's one item, written directly."""
         try:
             t0 = time.monotonic()
             self.batches += 1
             result = self._write_one(item)
             self._delay = time.monotonic() - t0
-            me, last = threading.get_ident(), self._last_threads
-            if len(last) != 1 or me not in last:  # else: the same thread as last time, nothing changes
-                self._target = len(last | {me})
-                self._last_threads = {me}
+            tid, last = threading.get_ident(), self._last_threads
+            if len(last) != 1 or tid not in last:  # else: the same thread as last time, nothing changes
+                self._target = len(last | {tid})
+                self._last_threads = {tid}
             return result
+        except Exception as e:
+            if self._shared_failure(e):
+                self._fail_waiting(e)
+            raise
         finally:
-            with self._lock:
-                nxt = self._next_leader()
-            if nxt is not None:
-                nxt.wakeup.release()
+            _to_the_end(self._hand_on, solo)
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        """Fail, with ``error``, every caller that queued while a write failed for all.
+
+        A failure that is not about the items (the server unreachable, the
+        lock not had in time) would meet each of them again, one leader after
+        another, each waiting out its own timeout: they get the error now,
+        once, and a caller arriving afterwards tries afresh.
+        """
+        with self._lock:
+            waiting = [r for r in self._queue if not r.gone and not r.lead]
+            self._queue = [r for r in self._queue if r.lead]
+            for req in waiting:
+                req.error, req.done = error, True
+                req.wakeup.release()
 
     def _abandon(self, me: _Request[T, R]) -> None:
-        """A waiting caller was interrupted: withdraw its item, never strand the queue."""
+        """A caller was interrupted: withdraw its item, hand on the lead if it held it. Idempotent."""
         with self._lock:
+            me.gone = True
             if me in self._queue:
                 self._queue.remove(me)
-            if not (me.lead and not me.done):
-                return  # not our turn to lead: a leader is (or will be) at work
-            nxt = self._next_leader()
-        if nxt is not None:
-            nxt.wakeup.release()
+            if me.lead:
+                self._pass_lead(me)
 
-    def _next_leader(self) -> Optional[_Request[T, R]]:
-        """With the lock held: hand the lead to the first waiting request (to wake), or go idle."""
-        nxt = self._queue[0] if self._queue else None
-        if nxt is None:
-            self._busy = False
-        else:
-            nxt.lead = True
-        return nxt
-
-    def _take(self) -> list[_Request[T, R]]:
+    def _hand_on(self, me: Union[_Request[T, R], _Lead]) -> None:
+        """The leader ``me`` is done: the next caller leads, or the commit goes idle. Idempotent."""
         with self._lock:
-            if self._target > 1 and len(self._queue) < self._target and self._delay > 0:
-                self._waiting = True
-                try:
-                    self._enough.wait(min(self._delay, self.MAX_DELAY))
-                finally:
-                    self._waiting = False
-                if len(self._queue) < self._target:  # they did not come: expect fewer next time
-                    self._target, self._last_threads = len(self._queue), set()
-            n, size = 0, 0
-            for req in self._queue:
-                if n and (n >= self._max_items or size + req.size > self._max_bytes):
-                    break
-                n, size = n + 1, size + req.size
-            batch, self._queue = self._queue[:n], self._queue[n:]
-        return batch
+            if me.lead:
+                self._pass_lead(me)
+
+    def _pass_lead(self, me: Union[_Request[T, R], _Lead]) -> None:
+        """With the lock held: ``me`` gives up the lead to the first live waiter, woken here."""
+        me.lead = False
+        queue = self._queue
+        while queue and queue[0].gone:
+            del queue[0]
+        if queue:
+            nxt = queue[0]
+            nxt.lead = True
+            nxt.wakeup.release()
+        else:
+            self._busy = False
 
     def _lead(self, me: _Request[T, R]) -> None:
-        batch = self._take()
+        batch: list[_Request[T, R]] = []
         try:
+            with self._lock:
+                wait = self._target > 1 and len(self._queue) < self._target and self._delay > 0
+                if wait:
+                    # Released by the caller whose arrival makes the batch big
+                    # enough; a bare lock (not a Condition) so that an interrupt
+                    # cannot leave the commit's own lock in a half-released state.
+                    enough = self._enough = threading.Lock()
+                    enough.acquire()
+                    self._waiting = True
+            if wait:
+                enough.acquire(True, min(self._delay, self.MAX_DELAY))
+            with self._lock:
+                if wait:
+                    self._waiting = False
+                    if len(self._queue) < self._target:  # they did not come: expect fewer next time
+                        self._target, self._last_threads = len(self._queue), set()
+                n, size = 0, 0
+                for req in self._queue:
+                    if n and (n >= self._max_items or size + req.size > self._max_bytes):
+                        break
+                    n, size = n + 1, size + req.size
+                batch, self._queue = self._queue[:n], self._queue[n:]
             t0 = time.monotonic()
             self._run(batch)
             self._delay = time.monotonic() - t0
@@ -510,18 +585,29 @@ class GroupCommit(Generic[T, R]):
             threads = {r.thread for r in batch}
             self._target = len(threads | self._last_threads)
             self._last_threads = threads
-        except BaseException as e:  # interrupted (KeyboardInterrupt...): not the others' fault
-            me.error, me.done = e, True
-            with self._lock:  # the others' items go back first in the queue, for the next leader
-                self._queue[:0] = [r for r in batch if not r.done]
         finally:
+            _to_the_end(self._finish, me, batch)
+
+    def _finish(self, me: _Request[T, R], batch: list[_Request[T, R]]) -> None:
+        """End a batch led by ``me``, however it ended. Idempotent (it may run again).
+
+        Items written are handed to their callers; items not written (the
+        leader was interrupted) go back first in the queue for the next leader;
+        the lead is handed on.
+        """
+        with self._lock:
+            self._waiting = False
+            back = [r for r in batch if not r.done and not r.gone and r is not me and r not in self._queue]
+            if back:
+                self._queue[:0] = back
             for req in batch:
-                if req is not me and req.done:
+                # Each done caller is woken once (its lock is released once it
+                # is held: a run again of this finds it released, or taken back
+                # by its caller, who no longer waits on it).
+                if req is not me and req.done and req.wakeup.locked():
                     req.wakeup.release()
-            with self._lock:
-                nxt = self._next_leader()
-            if nxt is not None:
-                nxt.wakeup.release()
+            if me.lead:
+                self._pass_lead(me)
 
     def _run(self, batch: list[_Request[T, R]]) -> None:
         self.batches += 1  # only the leader counts: one at a time
@@ -531,12 +617,19 @@ class GroupCommit(Generic[T, R]):
             if len(batch) == 1 or self._shared_failure(e):
                 for req in batch:
                     req.error, req.done = e, True
+                if self._shared_failure(e):
+                    self._fail_waiting(e)
                 return
-            for req in batch:  # one by one: only a bad item fails
+            for i, req in enumerate(batch):  # one by one: only a bad item fails
                 try:
                     req.result = self._write([req.item])[0]
                 except Exception as e1:
                     req.error = e1
+                    if self._shared_failure(e1):  # not about the items after all (an outage began)
+                        for rest in batch[i:]:
+                            rest.error, rest.done = e1, True
+                        self._fail_waiting(e1)
+                        return
                 req.done = True
             return
         for req, result in zip(batch, results):

@@ -33,7 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .._codec import Encoded, Signer, Verifier, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
-from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, library_version, own_key, parse_run
+from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, check_seconds, library_version, own_key, parse_run
 from ._conns import GroupCommit, ThreadConnections
 
 __all__ = ["PostgresStore", "DEFAULT_SCHEMA", "INLINE_MAX", "CHUNK_SIZE"]
@@ -153,6 +153,11 @@ _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _COPY_TRAILER = struct.pack("!h", -1)
 
 
+def _unreachable(e: BaseException) -> bool:
+    """Whether a failed write failed for want of the server, not because of its rows."""
+    return isinstance(e, (StoreOpenError, psycopg.OperationalError, psycopg.InterfaceError))
+
+
 class PostgresStore(Store):
     """A checkpoint store in a PostgreSQL database, shared by several machines.
 
@@ -189,6 +194,7 @@ class PostgresStore(Store):
     ) -> None:
         from . import _redact
 
+        connect_timeout = check_seconds("connect_timeout", connect_timeout)
         conninfo, url_schema = split_url(url)
         self.schema = schema or url_schema or DEFAULT_SCHEMA
         super().__init__(_redact(url), readonly=readonly)
@@ -218,7 +224,9 @@ class PostgresStore(Store):
             self._open_conn, self._close_conn, close_at_fork=False
         )
         # Small saves arriving together share one transaction, one round trip.
-        self._commits: GroupCommit[_Row, None] = GroupCommit(self._write_rows)
+        # A lost server fails the whole batch and its waiting callers at once
+        # (each retried alone would wait out its own connect timeout).
+        self._commits: GroupCommit[_Row, None] = GroupCommit(self._write_rows, shared_failure=_unreachable)
         try:
             self._open()
         except BaseException:

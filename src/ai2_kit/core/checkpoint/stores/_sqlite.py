@@ -59,6 +59,8 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 #: and the database (and its WAL) stays small.
 INLINE_MAX = 1 << 20
 BUSY_TIMEOUT_S = 120.0
+#: How long a run record's write waits for another process's write lock.
+RUN_BUSY_TIMEOUT_S = 0.5
 #: Rows read per query when listing (keyset pages: no statement stays open
 #: between pages, so a caller may write while iterating, and a fork between
 #: two pages finds no connection in use).
@@ -718,7 +720,7 @@ class SQLiteStore(Store):
             op, bound = ">", rows[-1][0]
 
     # -- leases (one host: the local clock is the only clock) -----------------
-    def _one_statement(self, sql: str, params: tuple[Any, ...]) -> int:
+    def _one_statement(self, sql: str, params: tuple[Any, ...], busy_timeout: Optional[float] = None) -> int:
         """Run one writing statement as a transaction of its own; returns the rows it changed.
 
         Claims, lease renewals and run records commit exactly as entries do
@@ -730,10 +732,26 @@ class SQLiteStore(Store):
         durably hold, losing acknowledged entries and damaging indexes in a
         power cut (docs/reliability.md). One statement outside ``BEGIN`` is
         atomic on its own, so no transaction is left open, whatever
-        exception arrives.
+        exception arrives. ``busy_timeout``: how long to wait for another
+        process's write lock, when shorter than the store's own (restored
+        whatever exception arrives).
         """
         with self._session() as conn:
-            return int(conn.execute(sql, params).rowcount)
+            if busy_timeout is None:
+                return int(conn.execute(sql, params).rowcount)
+            # Restored on both ways out, not in ``finally``: an interrupt that
+            # strikes after the statement, while a ``finally`` restores,
+            # would skip the restore; here it lands in ``except``, which
+            # restores (again: idempotent) before it propagates.
+            restore = f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}"
+            try:
+                conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+                n = int(conn.execute(sql, params).rowcount)
+                conn.execute(restore)
+                return n
+            except BaseException:
+                conn.execute(restore)
+                raise
 
     def _try_claim(self, key: str, owner: str, ttl: float) -> bool:
         now = time.time()
@@ -757,10 +775,13 @@ class SQLiteStore(Store):
 
     # -- runs (a table added on first use: older stores simply have none) -------
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
+        # A report, written best effort: it waits for another process's write
+        # lock a short while only (an exit must not wait out the busy timeout).
         if not self._runs_table:
-            self._one_statement(_RUNS_TABLE, ())
+            self._one_statement(_RUNS_TABLE, (), RUN_BUSY_TIMEOUT_S)
             self._runs_table = True
-        self._one_statement("INSERT OR REPLACE INTO runs (id, record) VALUES (?, ?)", (run_id, json.dumps(record)))
+        self._one_statement("INSERT OR REPLACE INTO runs (id, record) VALUES (?, ?)", (run_id, json.dumps(record)),
+                            RUN_BUSY_TIMEOUT_S)
 
     def _iter_runs(self) -> Iterator[dict[str, Any]]:
         try:
