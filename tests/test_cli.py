@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import json
 import logging
 import os
@@ -15,6 +16,8 @@ import pytest
 from ai2_kit.core.checkpoint import _main as main_module
 from ai2_kit.core.checkpoint import _ops
 from ai2_kit.core.checkpoint import cli as cli_module
+from ai2_kit.core.checkpoint._cli._commands import COMMANDS
+from ai2_kit.core.checkpoint._cli._declare import build_parser
 from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, open_store
 from helpers_cli import (
     AFTER_RM_DEEPMD,
@@ -680,6 +683,16 @@ def test_every_option_in_the_help_is_accepted(command: str) -> None:
                 base = head[:4] if {"show": "--key", "rm": "--pattern", "copy": "--dest"}.get(command) == name else head
                 kwargs = cli_module.parse([*base, f"{name}=2", *extra]).steps[-1].kwargs
                 assert any(v in ("2", 2, ["2"]) for v in kwargs.values()), (form, kwargs)
+
+
+def test_every_declared_argument_is_a_parameter_of_its_command() -> None:
+    """What the parser hands a command is exactly what the method that runs it takes."""
+    assert list(COMMANDS)[:2] == ["load", "ls"] and len(COMMANDS) == 9
+    for name, declared in COMMANDS.items():
+        parser, _ = build_parser(declared, "prog", with_store=False)
+        dests = {a.dest for a in parser._actions} - {f"{a.dest}_option" for a in declared.args}
+        params = set(inspect.signature(getattr(cli_module.CheckpointTool, name)).parameters) - {"self"}
+        assert dests == params, name
 
 
 def test_flags_switch_off_again(tmp_path: Path) -> None:

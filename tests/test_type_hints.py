@@ -19,13 +19,22 @@ from ai2_kit.core.checkpoint import _main, cli, stores
 
 
 def _public_functions(module: ModuleType) -> Iterator[tuple[str, Callable[..., Any]]]:
-    """Every function in ``module.__all__``, and every public method of its classes."""
+    """Every function in ``module.__all__``, and every public method of its classes.
+
+    A class's methods include those it inherits from bases that the module
+    does not export itself (``CheckpointTool``'s commands live in mixins).
+    """
+    exported = {id(getattr(module, name)) for name in module.__all__}
     for name in module.__all__:
         obj = getattr(module, name)
         if inspect.isfunction(obj):
             yield f"{module.__name__}.{name}", obj
         elif inspect.isclass(obj) and obj.__module__.startswith("ai2_kit."):
-            for attr, member in vars(obj).items():
+            members: dict[str, Any] = {}
+            for cls in reversed(obj.__mro__):
+                if cls is obj or (cls.__module__.startswith("ai2_kit.") and id(cls) not in exported):
+                    members.update(vars(cls))
+            for attr, member in members.items():
                 if attr.startswith("_") and attr not in ("__init__", "__call__"):
                     continue
                 if isinstance(member, (staticmethod, classmethod)):
