@@ -26,6 +26,7 @@ import pytest
 
 from _powerfs import Mount, fuse_unavailable
 from ai2_kit.core.checkpoint import CorruptEntryError, SignatureMismatchError, _codec
+from ai2_kit.core.checkpoint._codec import _checksum, _fileio
 from ai2_kit.core.checkpoint.stores import DirectoryStore, SQLiteStore, Store
 
 #: Above the size from which the checksum runs in its own thread.
@@ -112,9 +113,9 @@ def test_entries_read_whichever_crc32_implementation_wrote_them(
     value = big_array(2)
     for store in (SQLiteStore(str(tmp_path / "c.db")), DirectoryStore(str(tmp_path / "d"))):
         with store:
-            monkeypatch.setattr(_codec, "_fast", impl[writer_crc])
+            monkeypatch.setattr(_checksum, "_fast", impl[writer_crc])
             store.put("k", value)
-            monkeypatch.setattr(_codec, "_fast", impl[reader_crc])
+            monkeypatch.setattr(_checksum, "_fast", impl[reader_crc])
             hit = store.lookup("k")
             assert hit is not None and np.array_equal(hit.value, value)
 
@@ -213,7 +214,7 @@ def test_listing_does_not_load_the_fast_checksum(tmp_path: Path) -> None:
             small = store.lookup("small").value
             print(keys, small, "zlib_ng" in sys.modules)
             store.lookup("big")
-            print(sys.modules["ai2_kit.core.checkpoint._codec"]._fast is not None)
+            print(sys.modules["ai2_kit.core.checkpoint._codec._checksum"]._fast is not None)
         """, tmp_path)
     assert out.split("\n")[:2] == ["['big', 'small'] {'a': 1} False", "True"]
 
@@ -222,16 +223,16 @@ def test_fork_after_the_fast_checksum_was_loaded_leaves_the_child_working(tmp_pa
     """The import guard is held by fork(): the child must find it released."""
     out = _run("""
         import os, sys
-        from ai2_kit.core.checkpoint import _codec
+        from ai2_kit.core.checkpoint._codec import _checksum
         data = memoryview(bytes(range(256)) * 8192)
-        expected = _codec._crc_update(0, data)
+        expected = _checksum._crc_update(0, data)
         pid = os.fork()
         if pid == 0:
-            _codec._fast = None  # the child loads it again, under the same guard
-            ok = _codec._crc_update(0, data) == expected and _codec._import_lock.acquire(timeout=30)
+            _checksum._fast = None  # the child loads it again, under the same guard
+            ok = _checksum._crc_update(0, data) == expected and _checksum._import_lock.acquire(timeout=30)
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
-        print(os.waitstatus_to_exitcode(status), _codec._import_lock.acquire(timeout=30))
+        print(os.waitstatus_to_exitcode(status), _checksum._import_lock.acquire(timeout=30))
         """, tmp_path)
     assert out.strip() == "0 True"
 
@@ -356,7 +357,7 @@ def test_big_save_does_not_depend_on_the_writeback_hint(
         calls.append((fd, offset, n, flags))
         return -1
 
-    monkeypatch.setattr(_codec, "_sync_file_range", refuse if refusal == "refused" else False)
+    monkeypatch.setattr(_fileio, "_sync_file_range", refuse if refusal == "refused" else False)
     value = big_array(6)
     for store in (SQLiteStore(str(tmp_path / "c.db")), DirectoryStore(str(tmp_path / "d"))):
         with store:
@@ -383,12 +384,12 @@ def test_big_save_in_a_child_forked_after_one(tmp_path: Path) -> None:
     out = _run("""
         import os, sys
         import numpy as np
-        from ai2_kit.core.checkpoint import _codec
+        from ai2_kit.core.checkpoint._codec import _fileio
         from ai2_kit.core.checkpoint.stores import DirectoryStore
         s = DirectoryStore(sys.argv[1] + "/d")
         a = np.arange(3 << 20, dtype=np.float64)  # 24 MB: hinted slice by slice
         s.put("parent", a)
-        looked_up = _codec._sync_file_range is not None
+        looked_up = _fileio._sync_file_range is not None
         pid = os.fork()
         if pid == 0:
             s.put("child", a + 1)

@@ -9,12 +9,13 @@ import logging
 import os
 import re
 import sqlite3
+import types
 from pathlib import Path
 
 import pytest
 
+from ai2_kit.core.checkpoint import _display, _ops
 from ai2_kit.core.checkpoint import _main as main_module
-from ai2_kit.core.checkpoint import _ops
 from ai2_kit.core.checkpoint import cli as cli_module
 from ai2_kit.core.checkpoint._cli._commands import COMMANDS
 from ai2_kit.core.checkpoint._cli._declare import build_parser
@@ -588,8 +589,9 @@ def test_run_leaves_logging_as_it_found_it(tmp_path: Path) -> None:
 
 
 # -- the library functions behind the commands ------
-def test_ops_doctests() -> None:
-    result = doctest.testmod(_ops, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [_ops, _display], ids=["_ops", "_display"])
+def test_ops_doctests(module: types.ModuleType) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
 
 
@@ -618,10 +620,10 @@ def test_ops_open_existing_refuses_to_create(tmp_path: Path) -> None:
 
 
 def test_format_helpers() -> None:
-    assert _ops.format_size(0) == "0 B" and _ops.format_size(1536) == "1.5 KiB"
-    assert _ops.format_size(5 * 1024**3) == "5.0 GiB" and _ops.format_size(None) == "-"
-    assert _ops.format_duration(1.234) == "1.23s" and _ops.format_duration(75) == "1m15s"
-    assert _ops.format_duration(7325) == "2h02m" and _ops.format_duration(None) == "-"
+    assert _display.format_size(0) == "0 B" and _display.format_size(1536) == "1.5 KiB"
+    assert _display.format_size(5 * 1024**3) == "5.0 GiB" and _display.format_size(None) == "-"
+    assert _display.format_duration(1.234) == "1.23s" and _display.format_duration(75) == "1m15s"
+    assert _display.format_duration(7325) == "2h02m" and _display.format_duration(None) == "-"
 
 
 def test_reference_file_written_by_hand_lists(tmp_path: Path) -> None:

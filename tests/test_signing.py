@@ -43,6 +43,21 @@ def test_signed_round_trip_and_wrong_key(store_factory: Callable[..., Store], tm
     assert not marker.exists()
 
 
+def test_signer_secret_signs_and_checks_alike(store_factory: Callable[..., Store]) -> None:
+    """``Signer.secret`` (what a worker's StoreSpec carries) opens the store with the same key."""
+    writer = store_factory()
+    writer.set_signing_key("s3cret")
+    writer.put("k", [1, 2])
+    assert writer.signer is not None and writer.signer.secret == b"s3cret"
+    worker = store_factory()
+    worker.set_signing_key(writer.signer.secret)
+    hit = worker.lookup("k")
+    assert hit is not None and hit.value == [1, 2]
+    worker.put("w", 3)  # signed by the worker, accepted by the writer
+    back = writer.lookup("w")
+    assert back is not None and back.value == 3
+
+
 def test_unsigned_entry_is_refused_unpickled(store_factory: Callable[..., Store], tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     plain = store_factory()

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ._ops import MAX_TIME, count, format_duration, format_size, number, printable, when
+from ._display import MAX_TIME, count, format_duration, format_size, number, printable, when
 from ._runs import mask_argv
 from .stores._base import clean_run
 from .stores._fs import file_kind, replace_file

@@ -11,7 +11,7 @@ import os
 import shlex
 from typing import Any, Optional, TypeVar
 
-from .. import _maintenance, _ops
+from .. import _display, _maintenance, _ops
 from ..stores import is_postgres_url, open_store
 from ._declare import PATTERN_ARG, PATTERN_HELP, Arg, CommandError, UsageError, command, flag, value
 from ._output import entries, is_migration_log, not_a_key, one_line, printable, quiet, shorten
@@ -79,10 +79,10 @@ unpickled, after a backup copy beside it (FILE.legacy-<time>.bak).
         else:
             keys = [m["key"] for m in _ops.iter_select(store, pattern, exclude)]
             what = f"matching {pattern!r}"
-        if not keys and from_key is None and pattern and _ops.unescape(pattern) != pattern:
+        if not keys and from_key is None and pattern and _display.unescape(pattern) != pattern:
             # The escaped form that 'ls' and 'verify' print for a name that is
             # not UTF-8 (or holds a control character) names that entry.
-            keys = [m["key"] for m in _ops.iter_select(store, _ops.unescape(pattern), exclude)]
+            keys = [m["key"] for m in _ops.iter_select(store, _display.unescape(pattern), exclude)]
         for k in keys:
             problem = not_a_key(store, k)
             if problem is not None:

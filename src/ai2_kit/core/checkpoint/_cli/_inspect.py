@@ -12,7 +12,7 @@ import pprint
 import shlex
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from .. import _fingerprint, _ops
+from .. import _display, _fingerprint, _ops
 from .._report import command_line, write_report
 from .._runs import mask_argv
 from ..stores import Store
@@ -48,12 +48,12 @@ def _verbose_line(meta: dict[str, Any]) -> str:
     site = printable(meta.get("call_site") or "-")
     if meta.get("legacy") == "reference-dir" and "crc32" not in meta:
         fn, site = "-", "(reference 2024 file)"
-    return (f"{when(meta.get('created')):<19}  {_ops.format_duration(meta.get('duration')):>8}  "
-            f"{_ops.format_size(meta.get('size')).replace(' ', ''):>9}  {key}  {fn}  {site}")
+    return (f"{when(meta.get('created')):<19}  {_display.format_duration(meta.get('duration')):>8}  "
+            f"{_display.format_size(meta.get('size')).replace(' ', ''):>9}  {key}  {fn}  {site}")
 
 
 def _size_long(n: object) -> str:
-    return f"{_ops.format_size(n)} ({n} bytes)" if _ops.count(n) is not None else str(n)
+    return f"{_display.format_size(n)} ({n} bytes)" if _display.count(n) is not None else str(n)
 
 
 def _show_fingerprint(fp: object) -> str:
@@ -69,7 +69,7 @@ _SHOW_FIELDS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("fn_name", "function", str),
     ("call_site", "call site", str),
     ("created", "created", _when_long),
-    ("duration", "duration", lambda d: f"{_ops.format_duration(d)} ({d} s)"),
+    ("duration", "duration", lambda d: f"{_display.format_duration(d)} ({d} s)"),
     ("size", "size", _size_long),
     ("is_awaitable", "awaitable", str),
     ("legacy", "legacy", str),
@@ -154,7 +154,7 @@ is ever unpickled.""",
         if as_tree:
             count = self._print_tree(store, metas, depth)
         elif as_json:
-            count = self._print_lines(metas, _ops.json_line)
+            count = self._print_lines(metas, _display.json_line)
         elif verbose:
             self._emit(f"{'CREATED':<19}  {'DURATION':>8}  {'SIZE':>9}  KEY  FUNCTION  CALL SITE")
             count = self._print_lines(metas, _verbose_line)
@@ -177,7 +177,8 @@ is ever unpickled.""",
         root = _ops.tree(metas, name=store.location)
         if root.count == 0:
             return 0
-        rows: list[tuple[str, str, str]] = [(printable(root.name), entries(root.count), _ops.format_size(root.size))]
+        size = _display.format_size(root.size)
+        rows: list[tuple[str, str, str]] = [(printable(root.name), entries(root.count), size)]
         for level, node in root.walk(depth):
             label = "  " * level + printable(node.name)
             if node.children:
@@ -185,7 +186,7 @@ is ever unpickled.""",
                 counts = entries(node.count) + (" (one at the folder's own key)" if node.entry else "")
             else:
                 counts = ""
-            rows.append((label, counts, _ops.format_size(node.size)))
+            rows.append((label, counts, _display.format_size(node.size)))
         width = min(max(len(r[0]) for r in rows), 70)
         cwidth = max(len(r[1]) for r in rows)
         for label, counts, size in rows:
@@ -211,7 +212,7 @@ duration of the original call, size, checksum, host, pid, format.""",
         """Show one entry (see ``--help``)."""
         self._ran = True
         store = self._open()
-        real = _ops.unescape(key)
+        real = _display.unescape(key)
         for name in dict.fromkeys((key, real)):
             problem = not_a_key(store, name)
             if problem is not None and any(m["key"] == name for m in store.iter_meta()):
@@ -238,7 +239,7 @@ duration of the original call, size, checksum, host, pid, format.""",
             record = dict(meta)
             if value:
                 record["value_repr"] = repr(loaded)
-            self._emit(_ops.json_line(record))
+            self._emit(_display.json_line(record))
             return self
         self._emit(f"{'key':<13} {printable(meta.get('key', key))}")
         self._emit(f"{'store':<13} {printable(store.location)} ({store.kind})")
@@ -277,7 +278,7 @@ were recorded list none. Nothing is unpickled.""",
         if as_json:
             for run in runs:
                 argv = run.get("argv")
-                self._emit(_ops.json_line(dict(run, argv=mask_argv(argv) if argv else argv)))
+                self._emit(_display.json_line(dict(run, argv=mask_argv(argv) if argv else argv)))
             return self
         if not runs:
             self._note(f"{store.location}: no runs recorded (written before runs were recorded, "
@@ -287,9 +288,9 @@ were recorded list none. Nothing is unpickled.""",
         for r in runs:  # checked field by field by iter_runs: a bad field is None, shown as '-'
             started, last = r["started"], r["last"]
             lasted = last - started if started is not None and last is not None and last >= started else None
-            rows.append((when(started), _ops.format_duration(lasted), printable(dash(r["host"])),
+            rows.append((when(started), _display.format_duration(lasted), printable(dash(r["host"])),
                          dash(r["pid"]), dash(r["steps_run"]), dash(r["hits"]), dash(r["stale"]),
-                         _ops.format_duration(r["saved_seconds"]), printable(command_line(r["argv"]))))
+                         _display.format_duration(r["saved_seconds"]), printable(command_line(r["argv"]))))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
             self._emit("  ".join(f"{c:<{w}}" if i in (0, 2) else f"{c:>{w}}"

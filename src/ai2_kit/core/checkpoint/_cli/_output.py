@@ -1,6 +1,6 @@
 """What the commands print: escaped fields, counts, one-line errors, and the library's log lines.
 
-Every field read from a store goes through ``printable`` (``_ops.printable``,
+Every field read from a store goes through ``printable`` (``_display.printable``,
 the one escaping function) before it reaches a terminal, and every error the
 CLI shows is one line.
 """
@@ -14,7 +14,7 @@ import os
 import shlex
 from typing import IO, Callable, Iterator, Optional, Sequence
 
-from .. import _ops
+from .. import _display
 from .._errors import InvalidKeyError
 from .._keys import validate_key
 from ..stores import Store
@@ -26,11 +26,11 @@ __all__ = [
 
 
 def printable(text: object) -> str:
-    """Any field from a store on one terminal line (``_ops.printable``: the one escaping function)."""
-    return _ops.printable(text)
+    """Any field from a store on one terminal line (``_display.printable``: the one escaping function)."""
+    return _display.printable(text)
 
 
-when = _ops.when
+when = _display.when
 
 
 def shorten(keys: Sequence[str], head: int = 10, tail: int = 5) -> list[str]:
