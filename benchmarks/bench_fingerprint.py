@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from ai2_kit.core.checkpoint import Checkpointer  # noqa: E402
 from ai2_kit.core.checkpoint import _fingerprint as fp  # noqa: E402
-from ai2_kit.core.checkpoint._fingerprint import _code, _walk  # noqa: E402
+from ai2_kit.core.checkpoint._fingerprint import _bytecode, _callable, _code, _source, _walk  # noqa: E402
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> float:
@@ -142,8 +142,8 @@ def code_table(number: int) -> None:
 
 
 def _clear_code_caches() -> None:
-    for cache in (_code._CODE_DIGESTS, _code._AST_DIGESTS, _code._SOURCES, _code._SOURCE_KEYS,
-                  _code._CLASS_DIGESTS, _code._NAMES, _code._PARTS, *_code._DEFAULTS_DIGESTS.values()):
+    for cache in (_bytecode._CODE_DIGESTS, _source._AST_DIGESTS, _source._SOURCES, _source._SOURCE_KEYS,
+                  _source._CLASS_DIGESTS, _code._NAMES, _code._PARTS, *_callable._DEFAULTS_DIGESTS.values()):
         cache.clear()
 
 

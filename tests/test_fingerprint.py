@@ -22,6 +22,8 @@ import pytest
 
 from ai2_kit.core.checkpoint._fingerprint import (
     UnfingerprintableError,
+    _bytecode,
+    _source,
     compare,
     describe,
     fingerprint,
@@ -29,7 +31,6 @@ from ai2_kit.core.checkpoint._fingerprint import (
     fingerprint_inputs,
     fingerprint_value,
 )
-from ai2_kit.core.checkpoint._fingerprint import _code as codemod
 from ai2_kit.core.checkpoint._fingerprint import _walk as fpmod
 
 
@@ -456,8 +457,8 @@ def test_code_fingerprint_stable_after_warm_up(tmp_path: Path) -> None:
     fresh = fingerprint_code(load(tmp_path, ORIGINAL))
     for i in range(2000):
         fn(i % 7)
-    codemod._CODE_DIGESTS.clear()
-    codemod._AST_DIGESTS.clear()
+    _bytecode._CODE_DIGESTS.clear()
+    _source._AST_DIGESTS.clear()
     assert fingerprint_code(fn) == fresh
 
 

@@ -122,7 +122,7 @@ def test_distribution_versions_read_as_importlib_metadata_reads_them(standard_fi
         return  # ran in a fresh interpreter
     import importlib.metadata as md
 
-    from ai2_kit.core.checkpoint._fingerprint import _UNSURE, _scan_version
+    from ai2_kit.core.checkpoint._fingerprint._env import _UNSURE, _scan_version
 
     if sys.version_info < (3, 10):  # older rules: importlib.metadata always decides
         assert _scan_version("numpy") is _UNSURE
@@ -146,7 +146,7 @@ def test_odd_distribution_folders_are_left_to_importlib_metadata(
         return  # ran in a fresh interpreter
     import importlib.metadata as md
 
-    from ai2_kit.core.checkpoint._fingerprint import _UNSURE, _scan_version
+    from ai2_kit.core.checkpoint._fingerprint._env import _UNSURE, _scan_version
 
     def dist(folder: str, text: str) -> None:
         (tmp_path / folder).mkdir()
@@ -188,7 +188,7 @@ def test_other_finders_of_distributions_decide_by_their_order(
     # does not find (importlib.metadata takes the first answer).
     import importlib.metadata as md
 
-    from ai2_kit.core.checkpoint._fingerprint import _UNSURE, _scan_version
+    from ai2_kit.core.checkpoint._fingerprint._env import _UNSURE, _scan_version
 
     plain = [f for f in sys.meta_path if getattr(f, "find_distributions", None) is None or
              getattr(f, "__name__", "") == "PathFinder"]
@@ -373,7 +373,7 @@ def test_a_record_changed_in_place_is_written_as_it_is_now() -> None:
 
 
 def test_a_misss_record_the_short_way_equals_the_full_way() -> None:
-    from ai2_kit.core.checkpoint import _fingerprint as F
+    from ai2_kit.core.checkpoint._fingerprint import _record as F
 
     def step(a: int, b: str = "x", c: float = 1.5) -> int:
         return a
@@ -398,7 +398,7 @@ def test_a_misss_record_the_short_way_equals_the_full_way() -> None:
 
 
 def test_a_miss_after_hit_digest_builds_the_same_record_and_never_a_stale_one() -> None:
-    from ai2_kit.core.checkpoint import _fingerprint as F
+    from ai2_kit.core.checkpoint._fingerprint import _record as F
 
     def step(a: int, b: int = 2) -> int:
         return a + b

@@ -29,7 +29,7 @@ _SIGNATURES: Dict[Any, inspect.Signature | None] = {}
 def _layout(co: types.CodeType) -> _Layout:
     lay = _LAYOUTS.get(co)
     if lay is None:
-        # Read from the code object: inspect.signature is ~20x slower and
+        # Read from the code object: inspect.signature is far slower and
         # gives the same answer for a plain function.
         names = co.co_varnames
         n, k = co.co_argcount, co.co_kwonlyargcount

@@ -11,7 +11,7 @@ equal digests in any process, whatever their identity or insertion order:
 - numpy arrays: dtype, shape and the raw C-order bytes hashed straight from
   the array's memory (numpy is never imported here: an array can only reach
   us if the caller already imported it);
-- functions by their code fingerprint (``_code`` registers the encoders),
+- functions by their code fingerprint (``_callable`` registers the encoders),
   classes and modules by name;
 - anything else through ``__reduce_ex__`` (what pickle would save: the class,
   the constructor arguments and the state), walked with the same rules;
@@ -40,20 +40,14 @@ __all__ = [
     "fingerprint_value",
 ]
 
-# The hash. Measured on the development machine (x86-64 with SHA extensions,
-# 2 cores, one pass over 1 GiB already in memory, Python 3.11 / OpenSSL):
-#   sha256 1.93 GB/s, sha1 2.04, blake2b 1.33, sha512 1.10, md5 0.82,
-#   blake2s 0.72; zlib.crc32 6.5 GB/s but only 32 bits; memcpy 5.1 GB/s.
-# sha256 is the fastest hash that is still collision-resistant (sha1 is only
-# 5% faster and broken), and it runs in hardware on every recent x86 and ARM
-# core. On old CPUs without SHA instructions blake2b would be ~2x faster,
-# but the algorithm cannot depend on the machine: digests are compared
-# across runs. Buffers above _LEAF are hashed as fixed 16 MiB leaves, in
-# threads (hashlib releases the GIL), and the leaf digests go into the
-# stream: 1 GiB in 0.28 s (3.9 GB/s) on 2 cores, vs 0.66 s for one plain
-# sha256 pass (benchmarks/bench_fingerprint.py). Still hash-bound, not
-# memory-bound (a hot memcpy runs at 16 GB/s): xxhash's xxh3_128 does 34 GB/s
-# here, but it is a compiled dependency; sha256 keeps us on the stdlib.
+# The hash: sha256, the fastest collision-resistant hash of the standard
+# library where the CPU has SHA instructions (every recent x86 and ARM core;
+# sha1 is broken). The algorithm cannot depend on the machine: digests are
+# compared across runs. Buffers above _LEAF are hashed as fixed 16 MiB
+# leaves, in threads (hashlib releases the GIL), and the leaf digests go
+# into the stream. A faster non-cryptographic hash (xxhash) would be a
+# compiled dependency; sha256 keeps us on the standard library. The figures
+# behind this choice are in docs/performance.md ("Fingerprints").
 # 128 bits of output: a chance collision is out of reach for any store.
 _hash = hashlib.sha256
 _DIGEST_BYTES = 16
@@ -227,7 +221,7 @@ def _enc_seq(tag: bytes) -> Callable[[_Walker, Any], None]:
 
 def _sortable(items: List[Any]) -> bool:
     # All str or all int (exact types: True and 1 must not meet in a sort).
-    # set(map(type)) runs in C: the common small dict costs ~0.1 us here.
+    # set(map(type)) runs in C: the common small dict is settled without a Python loop.
     kinds = set(map(type, items))
     return len(kinds) <= 1 and (not kinds or str in kinds or int in kinds)
 
@@ -302,7 +296,7 @@ _EXACT: Dict[type, Callable[[_Walker, Any], None]] = {
     dict: _enc_dict,
     set: _enc_set(b"S"),
     frozenset: _enc_set(b"Z"),
-    # types.CodeType and types.FunctionType: added by _code, which needs this module.
+    # types.CodeType and types.FunctionType: added by _callable, which needs this module.
 }
 
 
