@@ -184,8 +184,8 @@ def test_owner_saving_between_lookup_and_claim_is_a_hit(store_factory: Callable[
         first = True
 
         # The look-up of a call (its short way, or lookup).
-        def lookup_call(self, key: str, digest: Any, kcrc: Any) -> tuple[bool, Any, dict[str, Any], bool]:
-            found = super().lookup_call(key, digest, kcrc)
+        def lookup_call(self, key: str, digest: Any, short: Any) -> tuple[bool, Any, dict[str, Any], bool]:
+            found = super().lookup_call(key, digest, short)
             if self.first:
                 self.first = False
                 other = Checkpointer(store=store_factory(), dedup=True, lease=30)

@@ -21,7 +21,7 @@ from _sql_trace import statements
 from ai2_kit.core.checkpoint import Checkpointer
 from ai2_kit.core.checkpoint._codec import meta_to_json
 from ai2_kit.core.checkpoint.stores import _sqlite
-from ai2_kit.core.checkpoint.stores._sqlite import APPLICATION_ID, SQLiteStore
+from ai2_kit.core.checkpoint.stores._sqlite import APPLICATION_ID, SQLiteStore, _store
 
 LOGGER = "ai2_kit.core.checkpoint"
 RUNS: list[Any] = []
@@ -45,7 +45,7 @@ def _no_meta_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(text: Any) -> Any:
         raise AssertionError("a hit parsed the metadata record")
 
-    monkeypatch.setattr(_sqlite, "meta_from_json", refuse)
+    monkeypatch.setattr(_store, "meta_from_json", refuse)
 
 
 @pytest.mark.parametrize("stale", ["warn", "ignore"])
@@ -119,13 +119,13 @@ def test_damaged_hit_columns_go_the_full_way_and_return_the_right_value(
     else:
         _set(path, "k", dur=-1.0, hcrc=None)
     parsed: list[Any] = []
-    real = _sqlite.meta_from_json
+    real = _store.meta_from_json
 
     def spy(text: Any) -> Any:
         parsed.append(1)
         return real(text)
 
-    monkeypatch.setattr(_sqlite, "meta_from_json", spy)
+    monkeypatch.setattr(_store, "meta_from_json", spy)
     with Checkpointer(path) as ck:
         got = ck("k")(step)(5)
     assert got == want and not asyncio.iscoroutine(got)
@@ -182,7 +182,7 @@ def _old_store(path: Path) -> None:
     with SQLiteStore(str(tmp_copy := path.with_suffix(".tmp.db"))) as s:
         s.put("old", want(4), fn_name="step")
         row = _row(tmp_copy, "old")
-    meta = _sqlite.meta_from_json(row["meta"])
+    meta = _store.meta_from_json(row["meta"])
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("INSERT INTO entries (key, created, meta, value, blob) VALUES (?,?,?,?,?)",
                  ("old", meta["created"], meta_to_json(meta), row["value"], None))

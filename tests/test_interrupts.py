@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 
 import ai2_kit.core.checkpoint as package
-from ai2_kit.core.checkpoint.stores import SQLiteStore, _sqlite
-from ai2_kit.core.checkpoint.stores._sqlite import BUSY_TIMEOUT_S
+from ai2_kit.core.checkpoint.stores import SQLiteStore
+from ai2_kit.core.checkpoint.stores._sqlite import BUSY_TIMEOUT_S, _connect
 
 PKG = os.path.dirname(os.path.abspath(package.__file__))
 STORES = os.path.join(PKG, "stores")
@@ -55,7 +55,8 @@ BIG = np.arange(300_000, dtype=np.int64)  # 2.4 MB: a side file, and its replace
 #: The files whose every bytecode gets an interrupt: the SQLite store and the
 #: store's common layer. (GroupCommit, in stores/_conns.py, has its own
 #: interrupt tests: an interrupt inside its hand-over is another matter.)
-TRACED = (os.path.join(STORES, "_sqlite.py"), os.path.join(STORES, "_base.py"))
+TRACED = tuple(sorted(str(p) for p in Path(STORES, "_sqlite").glob("*.py"))) + tuple(
+    os.path.join(STORES, f) for f in ("_base.py", "_shared.py"))
 
 
 def run_interrupted(op: Callable[[], Any], n: int, where: tuple[str, ...] = TRACED) -> tuple[bool, int]:
@@ -266,7 +267,7 @@ def test_a_signal_storm_leaves_every_connection_durable(tmp_path: Path) -> None:
 ALLOWED_RELAXATIONS = {
     # A brand-new database under a temporary name nobody opens, fsynced whole
     # before it is linked into place.
-    ("stores/_sqlite.py", "SQLiteStore._create"),
+    ("stores/_sqlite/_schema.py", "create_database"),
 }
 
 
@@ -299,7 +300,7 @@ SETS_SYNC = re.compile(r"synchronous\s*=\s*(\{[\w?]+\}|\w+)", re.I)
 
 def test_no_sql_in_the_package_lowers_synchronous() -> None:
     """Every ``synchronous=`` in the package's SQL is the store's own setting (EXTRA), or allowed above."""
-    assert _sqlite._SYNC == "EXTRA"
+    assert _connect._SYNC == "EXTRA"
     found = []
     for path in sorted(Path(PKG).rglob("*.py")):
         rel = path.relative_to(PKG).as_posix()
@@ -309,7 +310,7 @@ def test_no_sql_in_the_package_lowers_synchronous() -> None:
                 if value in ("EXTRA", "3"):
                     continue
                 # f"PRAGMA synchronous={_SYNC}": the store's constant, checked above.
-                if value == "{_SYNC}" and rel == "stores/_sqlite.py":
+                if value == "{_SYNC}" and rel == "stores/_sqlite/_connect.py":
                     continue
                 if (rel, where) in ALLOWED_RELAXATIONS:
                     continue

@@ -140,9 +140,9 @@ def test_listing_while_removing_sees_each_entry_once(
     store_factory: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Listing in pages: a caller may remove entries as it iterates, across page ends."""
-    from ai2_kit.core.checkpoint.stores import _sqlite
+    from ai2_kit.core.checkpoint.stores._sqlite import _store
 
-    monkeypatch.setattr(_sqlite, "PAGE_SIZE", 7)
+    monkeypatch.setattr(_store, "PAGE_SIZE", 7)
     if store_factory.kind == "postgres":  # type: ignore[attr-defined]
         from ai2_kit.core.checkpoint.stores import _postgres
 

@@ -43,7 +43,6 @@ from ._runs import RunRecorder
 from .stores import SIGNING_KEY_ENV, Store, is_postgres_url, open_store
 from .stores._base import LARGE, MISSING, check_seconds
 from .stores._fs import HOST
-from .stores._sqlite import key_crc
 
 # At run time too, so that typing.get_type_hints() finds P (the real
 # ai2-kit's tooling and documentation generators call it); the facade
@@ -184,8 +183,6 @@ async def _offload(func: Callable[..., R], *args: Any) -> R:
 INLINE_MAX_BYTES = 64 * 1024
 #: Seconds of such reads per turn of the loop; past it, callers wait for the next turn.
 INLINE_BUDGET_S = 0.005
-#: Stores whose reads are local (a network round trip never runs on the loop).
-_LOCAL_KINDS = ("sqlite", "directory")
 #: What steps usually return, none of them awaitable: no ABC check for them
 #: (``inspect.isawaitable`` costs a few isinstance checks, one against an ABC).
 _NOT_AWAITABLE = frozenset((dict, list, tuple, str, bytes, int, float, bool, type(None), set))
@@ -346,22 +343,6 @@ def _normalize_location(location: Any) -> str:
     if is_postgres_url(location):
         return str(location)
     return os.path.abspath(os.fspath(location))
-
-
-def _spec_of_store(store: Store) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
-    """(location, engine options) that open ``store`` again, or None if unknown."""
-    if store.kind == "postgres":
-        conninfo = getattr(store, "_conninfo", None)
-        if not isinstance(conninfo, str):
-            return None
-        return conninfo, (("schema", getattr(store, "schema", None)),)
-    for attr in ("path", "root"):
-        value = getattr(store, attr, None)
-        if isinstance(value, str):
-            return value, ()
-    if store.kind == "legacy-file" and isinstance(store.location, str):
-        return store.location, ()
-    return None
 
 
 class _Registry:
@@ -542,11 +523,11 @@ class Checkpointer:
 
     def _describe(self, location: Any, prefer: str, opts: dict[str, Any]) -> Optional[StoreSpec]:
         signer = self.store.signer
-        key = getattr(signer, "_secret", None) if signer is not None else None
+        key = signer.secret if signer is not None else None
         if location is not None:
             where, options = _normalize_location(location), tuple(sorted(opts.items()))
         else:
-            found = _spec_of_store(self.store)
+            found = self.store.describe()
             if found is None:
                 return None
             where, options = found
@@ -650,22 +631,22 @@ class Checkpointer:
         return True, hit.value, hit.meta
 
     def lookup_call(
-        self, key: str, digest: Optional[str], kcrc: Optional[int], limit: Optional[int] = None
+        self, key: str, digest: Optional[str], short: bool, limit: Optional[int] = None
     ) -> Any:
         """The look-up of a call: (found, value, meta, settled).
 
         ``settled``: found with the call's fingerprint digest ``digest`` (any,
         when None), or surely missing; nothing left to judge. The short way
         (``Store.lookup_fast``: one SELECT, one CRC, one digest compared, one
-        ``loads``) when the store has one and ``kcrc`` (``key_crc(key)``) is
-        given; whatever it cannot settle (a digest that differs: maybe stale)
+        ``loads``) when the store has one and ``short`` is
+        true; whatever it cannot settle (a digest that differs: maybe stale)
         goes the full way, ``lookup``, which also reports any damage. With
         ``limit``: None when the short way found the entry larger than
         ``limit`` bytes (or in a side file), and the full way is not taken.
         """
-        if kcrc is not None:
+        if short:
             try:
-                fast = self.store.lookup_fast(key, digest, kcrc, limit)
+                fast = self.store.lookup_fast(key, digest, limit)
             except Exception as e:  # the full way says what it is
                 logger.debug("short look-up of checkpoint %s failed: %s", key, e)
                 fast = None
@@ -1243,8 +1224,6 @@ class CheckpointedFunction:
     _ck_bound: Optional[Checkpointer]
     _ck_name: str
     # What most wrappers have: set on one only when it differs.
-    #: The start of the string key's hit CRC, once worked out.
-    _ck_kcrc: Optional[int] = None
     _ck_disable: bool = False
     _ck_stale: Optional[str] = None
     _ck_default: Optional[Callable[[], Optional[Checkpointer]]] = None
@@ -1287,7 +1266,7 @@ class CheckpointedFunction:
             d["__wrapped__"] = fn
             # Another wrapper's fields (a CheckpointedFunction wrapped again) must not leak into ours.
             d.update(_ck_key=key, _ck_k=key if isinstance(key, str) else None, _ck_bound=ckpt, _ck_name=name,
-                     _ck_kcrc=None, _ck_disable=disable, _ck_stale=stale, _ck_default=default, _ck_spec=spec,
+                     _ck_disable=disable, _ck_stale=stale, _ck_default=default, _ck_spec=spec,
                      _ck_received=received, _ck_coro=coro)
         else:
             # The rest only when not the class's default: workflows make a wrapper per call.
@@ -1412,17 +1391,11 @@ class CheckpointedFunction:
             if digest is None:
                 fp = ckpt.fingerprint(fn, args, kwargs)
                 digest = None if fp is None else getattr(fp, "digest", None)
-        kcrc = None
-        if tried is None and (fp is None or digest is not None):  # else: judged in full
-            kcrc = self._ck_kcrc
-            if kcrc is None or k is not self._ck_k:
-                kcrc = key_crc(k)
-                if k is self._ck_k:
-                    self._ck_kcrc = kcrc
+        short = tried is None and (fp is None or digest is not None)  # else: judged in full
         if limit is None:
-            found, value, meta, settled = ckpt.lookup_call(k, digest, kcrc)
+            found, value, meta, settled = ckpt.lookup_call(k, digest, short)
         else:
-            got = ckpt.lookup_call(k, digest, kcrc, limit)
+            got = ckpt.lookup_call(k, digest, short, limit)
             if got is None:
                 return None
             found, value, meta, settled = got
@@ -1481,7 +1454,7 @@ class CheckpointedFunction:
                     fast = digest is not None  # else the full way fingerprints the call
                 if fast:
                     try:
-                        got = ckpt.store.lookup_fast(k, digest, key_crc(k))
+                        got = ckpt.store.lookup_fast(k, digest)
                     except Exception as e:  # the full way says what it is
                         logger.debug("short look-up of checkpoint %s failed: %s", k, e)
                         got = None
@@ -1617,7 +1590,7 @@ class CheckpointedFunction:
         try:
             prepared = None
             lane = await _inline_turn()
-            if ckpt.store.kind in _LOCAL_KINDS and not _busy[0] and _small(args, kwargs):
+            if ckpt.store.is_local and not _busy[0] and _small(args, kwargs):
                 prepared = self._prepare_inline(lane, ckpt, k, args, kwargs)
             if prepared is None:
                 prepared = await _offload(self._prepare, ckpt, k, args, kwargs)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sqlite3
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ._errors import CheckpointError, CorruptEntryError, StoreDamagedError
 from ._keys import key_matcher
-from .stores import DirectoryStore, SQLiteStore, Store, is_postgres_url
+from .stores import Store, is_postgres_url
 
 __all__ = ["VerifyReport", "CopyReport", "Progress", "no_progress", "verify_store", "copy_entries", "salvage",
            "same_store"]
@@ -56,23 +55,14 @@ def _keys(store: Store, pattern: str | None) -> Iterator[str]:
             yield meta["key"]
         return
     except StoreDamagedError as e:
-        if not isinstance(store, SQLiteStore):
+        probe = store.probe_keys()
+        if probe is None:
             raise
         logger.warning("%s; probing rows one by one", e)
-    # Row by row, so one damaged page costs only the rows on it.
-    conn = store._conn()
-    try:
-        top = conn.execute("SELECT max(rowid) FROM entries").fetchone()[0] or 0
-    except sqlite3.DatabaseError:
-        top = 1_000_000
-    for rowid in range(1, top + 1):
-        try:
-            row = conn.execute("SELECT key FROM entries WHERE rowid = ?", (rowid,)).fetchone()
-        except sqlite3.DatabaseError:
-            continue
-        if row and row[0] not in seen:
-            seen.add(row[0])
-            yield row[0]
+    for key in probe:
+        if key not in seen:
+            seen.add(key)
+            yield key
 
 
 #: Wraps an iterable of keys to show progress: ``progress(keys, total, label)``
@@ -97,14 +87,8 @@ def verify_store(store: Store, progress: Progress = no_progress) -> VerifyReport
     writing a large value and committing it; harmless, and removable).
     """
     report = VerifyReport(store.location)
-    if isinstance(store, SQLiteStore):
-        try:
-            report.store_problems.extend(store.integrity_check())
-        except sqlite3.DatabaseError as e:
-            report.store_problems.append(str(e))
-        report.orphan_files.extend(store.orphan_blobs())
-    if isinstance(store, DirectoryStore):
-        report.orphan_files.extend(store.leftover_temp_files())
+    report.store_problems.extend(store.structure_problems())
+    report.orphan_files.extend(store.orphan_files())
     try:
         for key in progress(_keys(store, None), _total(store), "verify"):
             report.entries += 1
@@ -134,6 +118,8 @@ def copy_entries(
                               f"{src.location}. Pick another path")
     report = CopyReport()
     skip = [key_matcher(p) for p in ([exclude] if isinstance(exclude, str) else exclude or [])]
+    # One entry's failure, reported with its key; the copy goes on.
+    failures: tuple[type[BaseException], ...] = (CheckpointError, *src.storage_errors, *dst.storage_errors)
     for key in progress(_keys(src, pattern), None if pattern else _total(src), "copy"):
         if any(m(key) for m in skip):
             continue
@@ -150,7 +136,7 @@ def copy_entries(
             if dst.verify(key) is not None or dst.get_meta(key) != written:
                 raise CorruptEntryError(dst.location, key, "the copy does not read back")
             report.copied.append(key)
-        except (CheckpointError, OSError, sqlite3.Error) as e:
+        except failures as e:
             report.failed[key] = str(e)
     return report
 

@@ -32,9 +32,9 @@ from ._display import MAX_TIME, count, number
 from ._errors import CheckpointError, CorruptEntryError, InvalidKeyError, ReadOnlyStoreError, StoreOpenError
 from ._keys import is_glob, key_matcher
 from ._maintenance import Progress, no_progress
-from .stores import DirectoryStore, Store, is_postgres_url, migrate_legacy_file, open_store
+from .stores import Store, is_postgres_url, migrate_legacy_file, open_store
 from .stores._fs import store_path
-from .stores._legacy import LegacyFileStore, backup_path, load_legacy_file
+from .stores._legacy import backup_path, load_legacy_file
 
 __all__ = [
     "Exclude",
@@ -344,7 +344,7 @@ def migrate(location: str | os.PathLike[str], progress: Progress = no_progress) 
         return _migrate_dir(path, progress)
     store = open_existing(path, allow_newer=False)
     kind = store.kind
-    if not isinstance(store, LegacyFileStore):
+    if not store.reference_format:
         with store:
             return MigrationReport(path, "current", kind, already=len(store))
     readonly, reason = store.readonly, store.readonly_reason
@@ -398,7 +398,7 @@ def _check_entry(store: Store, key: str, record: Any) -> str:
 def _migrate_dir(path: str, progress: Progress) -> MigrationReport:
     store = open_existing(path, allow_newer=False)
     with store:
-        if not isinstance(store, DirectoryStore):  # pragma: no cover - open_store picks it for dirs
+        if store.prefer != "dir":  # pragma: no cover - open_store picks it for dirs
             raise StoreOpenError(path, f"expected a directory store, found {store.kind}")
         report = MigrationReport(path, "reference-dir", store.kind)
         legacy: list[str] = []

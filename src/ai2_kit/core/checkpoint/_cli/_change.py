@@ -166,7 +166,7 @@ nothing is changed. The exit status is 1 when something is damaged.""",
         if salvage is not None:
             if not salvage or os.path.lexists(salvage):
                 raise CommandError(f"--salvage needs a new path; {salvage!r} already exists")
-            prefer = "dir" if store.kind == "directory" else "file"
+            prefer = store.prefer
             with open_store(salvage, prefer=prefer) as dst:
                 copied = _maintenance.salvage(store, dst, self._progress())
                 where = dst.location
@@ -212,7 +212,7 @@ Where DEST already has a key, its entry is replaced, unless --skip-existing.""",
         """Copy entries into another store (see ``--help``)."""
         self._ran = True
         src = self._open()
-        prefer = "dir" if src.kind == "directory" else "file"
+        prefer = src.prefer
         with open_store(dest, prefer=prefer) as dst:
             if not is_postgres_url(dest) and os.path.abspath(dest) == os.path.abspath(str(src.location)):
                 raise UsageError("copy needs a DEST other than the store itself")

@@ -9,8 +9,9 @@ from typing import Any, Optional, Union
 from .._errors import NotACheckpointStoreError, StoreOpenError
 from ._base import FORMAT_VERSION, Hit, Store
 from ._directory import DirectoryStore, is_pickle_head
-from ._fs import file_kind, fix_for, read_head, store_path
+from ._fs import file_kind, read_head, store_path
 from ._legacy import LegacyFileStore, migrate_legacy_file
+from ._shared import read_error, stat_error
 from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
 __all__ = [
@@ -90,10 +91,8 @@ def _open(location: Any, prefer: str, readonly: bool, options: dict[str, Any], s
                                            "Pick a regular file or a folder; it is left untouched")
         try:
             head = read_head(path, 16)
-        except PermissionError as e:
-            raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
         except OSError as e:
-            raise StoreOpenError(path, f"cannot read it ({e.strerror or e})", fix_for(e)) from e
+            raise read_error(path, e) from e
         if head.startswith(SQLITE_MAGIC):
             return SQLiteStore(path, readonly=readonly, **options)
         if is_pickle_head(head):
@@ -128,12 +127,8 @@ def _stat(path: str) -> os.stat_result | None:
         return os.stat(path)
     except FileNotFoundError:
         return None
-    except NotADirectoryError as e:
-        raise StoreOpenError(path, "a parent of the path is a file, not a folder", "Check the path") from e
-    except PermissionError as e:
-        raise StoreOpenError(path, "permission denied", "Check the permissions of its folders") from e
     except OSError as e:
-        raise StoreOpenError(path, e.strerror or str(e), fix_for(e)) from e
+        raise stat_error(path, e) from e
 
 
 def _redact(url: str) -> str:

@@ -7,7 +7,6 @@ import logging
 import math
 import numbers
 import os
-import sqlite3
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
@@ -34,18 +33,14 @@ __all__ = ["Store", "Hit", "FORMAT_VERSION", "MISSING", "LARGE", "library_versio
 #: frame layout, SQLite schema, directory layout).
 FORMAT_VERSION = 1
 
-# Errors a storage engine may raise for I/O trouble; mapped to SaveError on put.
-_STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, sqlite3.Error)
-
-
 def library_version() -> str:
     """This distribution's version, as recorded in the stores it writes.
 
     Not ``ai2_kit.__version__``: ``ai2_kit`` is a namespace shared with the
     real ai2-kit package, whose ``__init__.py`` (when installed) is not ours.
     A constant (``_version.py``), not a metadata lookup: that imports
-    ``importlib.metadata`` and scans ``sys.path`` (~26 ms), which the first
-    save of every process would pay.
+    ``importlib.metadata`` and scans ``sys.path``, which the first save of
+    every process would pay.
     """
     return VERSION
 
@@ -61,8 +56,8 @@ def check_seconds(name: str, value: Any) -> float:
     """``value`` as a number of seconds for the option ``name``: finite and positive.
 
     Checked where the option comes in, with one line naming it: an infinite
-    lease used to reach the heartbeat thread, whose wait then failed, and
-    every other lease of the process stopped being renewed.
+    lease reaching the heartbeat thread would fail its wait, and every other
+    lease of the process would stop being renewed.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number of seconds, not {value!r}")
@@ -139,6 +134,19 @@ class Store(ABC):
     #: is then computed while the frame is written (``Encoded.write_to``).
     #: Other stores get ``meta`` with the checksum already in it.
     checksum_while_writing: bool = False
+    #: Errors the engine raises for I/O trouble: a save that fails with one is a SaveError.
+    storage_errors: tuple[type[BaseException], ...] = (OSError,)
+    #: Errors of the engine's driver that say its bytes are damaged, less those
+    #: of them that do not (a lock, a busy file): see ``_damaged``.
+    damage_errors: tuple[type[BaseException], ...] = ()
+    not_damage_errors: tuple[type[BaseException], ...] = ()
+    #: Whether reading it costs no network round trip, so that a small read
+    #: may run on an event loop's thread.
+    is_local: bool = False
+    #: The ``open_store(prefer=...)`` that creates a store of this engine at a new path.
+    prefer: str = "file"
+    #: Whether it holds the reference library's own format, which ``migrate`` converts.
+    reference_format: bool = False
 
     def __init__(self, location: str, *, readonly: bool = False, readonly_reason: str = "") -> None:
         self.location = location
@@ -187,7 +195,7 @@ class Store(ABC):
     def _damaged(self, e: BaseException) -> bool:
         """Whether ``e`` says the store's bytes are damaged (engines refine this)."""
         return isinstance(e, (ValueError, UnicodeDecodeError, IsADirectoryError, NotADirectoryError)) or (
-            isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError)
+            isinstance(e, self.damage_errors) and not isinstance(e, self.not_damage_errors)
         )
 
     def lookup(self, key: str) -> Optional[Hit]:
@@ -210,7 +218,7 @@ class Store(ABC):
                 close()
         return Hit(meta, value)
 
-    def lookup_fast(self, key: str, digest: Optional[str], kcrc: int, limit: Optional[int] = None) -> Any:
+    def lookup_fast(self, key: str, digest: Optional[str], limit: Optional[int] = None) -> Any:
         """A hit's short way, for engines that keep what a hit needs apart from the metadata.
 
         ``(value, duration, is_awaitable)`` when the entry is there, intact,
@@ -311,7 +319,7 @@ class Store(ABC):
             settle_crc(meta, encoded)
         try:
             self._put(key, meta, encoded)
-        except _STORAGE_ERRORS as e:
+        except self.storage_errors as e:
             raise SaveError(key, f"{type(e).__name__}: {e} (store {self.location})") from e
 
     @staticmethod
@@ -422,6 +430,30 @@ class Store(ABC):
 
     def __len__(self) -> int:
         return sum(1 for _ in self._iter_meta(""))
+
+    # -- what differs by engine, for the layers above ------------------------------
+    def describe(self) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
+        """(location, engine options) that open this store again in another process, or None if unknown."""
+        for attr in ("path", "root"):
+            value = getattr(self, attr, None)
+            if isinstance(value, str):
+                return value, ()
+        return None
+
+    def structure_problems(self) -> list[str]:
+        """What the engine's own check of its structure finds (``verify``); empty when sound or unchecked."""
+        return []
+
+    def orphan_files(self) -> list[str]:
+        """Files of the store that no entry owns (left by writers killed mid-save); harmless, removable."""
+        return []
+
+    def probe_keys(self) -> Optional[Iterator[str]]:
+        """Keys found one by one when a listing stopped at damage (``StoreDamagedError``); None: no such way.
+
+        The keys may repeat those the listing gave before it stopped.
+        """
+        return None
 
     def close(self) -> None:
         if not self.closed:

@@ -182,7 +182,7 @@ class ThreadConnections(Generic[C]):
         A hit's path: one call for the gate, the connection and the query.
         With ``held``, the gate's own lock is held for the query instead of
         counting it in and out as an operation (a fork needs that lock to
-        begin, ``ForkGate.close_for_fork``): about 0.5 us less per hit. Only
+        begin, ``ForkGate.close_for_fork``): less work per hit. Only
         for a query that never waits on another thread of this process,
         since other threads' operations wait for the lock to start or end.
         An SQLite read in WAL mode never waits for a writer; in

@@ -12,11 +12,12 @@ import time
 from typing import Any, Iterator, Optional
 
 from .._codec import Encoded
-from .._errors import CorruptEntryError, NotACheckpointStoreError, StoreOpenError
+from .._errors import CorruptEntryError, NotACheckpointStoreError
 from ._base import Loader, Store
 from ._directory import legacy_meta, unwrap_legacy
-from ._fs import NotRegularFileError, fix_for, fsync_dir, open_regular, temp_name
+from ._fs import NotRegularFileError, fsync_dir, open_regular, temp_name
 from ._inert import inert_load, inert_loads, remove_keys, shape
+from ._shared import read_error
 from ._sqlite import SQLITE_MAGIC, SQLiteStore
 
 __all__ = ["LegacyFileStore", "migrate_legacy_file", "load_legacy_file", "read_legacy_file", "remove_from_legacy_file"]
@@ -30,10 +31,8 @@ def _read(path: str, loader: Any) -> Any:
             return loader(f)
     except NotRegularFileError as e:
         raise NotACheckpointStoreError(path, str(e.strerror), "Pick a checkpoint file") from e
-    except PermissionError as e:
-        raise StoreOpenError(path, "permission denied", "Check the file's permissions") from e
     except OSError as e:
-        raise StoreOpenError(path, f"cannot read it ({e.strerror or e})", fix_for(e)) from e
+        raise read_error(path, e) from e
     except Exception as e:
         raise NotACheckpointStoreError(
             path,
@@ -224,15 +223,23 @@ class LegacyFileStore(Store):
 
     Opening, listing, showing and verifying read the file through the inert
     unpickler (``_inert``): keys and each record's function, call site and
-    flags, never a call. A hit unpickles the file for real, as the reference
-    did (and is refused when a signing key is set: the format has no
-    signatures). Removing entries rewrites the file without them, still
+    flags, never a call. A hit unpickles the whole file for real (the
+    format holds all values in one pickle), and is refused when a signing
+    key is set: the format has no signatures. Removing entries rewrites the file without them, still
     without unpickling, after a backup. A new entry (put) migrates the file
     to the SQLite store first, with a backup, and from then on this object
     forwards everything to that store.
     """
 
     kind = "legacy-file"
+    reference_format = True
+    # Not before it is migrated: a first read loads and unpickles the whole
+    # file, which is no small work for an event loop's thread.
+    is_local = False
+    # It becomes an SQLite store with its first save, and forwards to it.
+    storage_errors = SQLiteStore.storage_errors
+    damage_errors = SQLiteStore.damage_errors
+    not_damage_errors = SQLiteStore.not_damage_errors
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         path = os.path.abspath(path)
@@ -249,7 +256,11 @@ class LegacyFileStore(Store):
             self._sqlite, self.backup, _ = migrate_legacy_file(self.path)
             self._data, self._loaded = {}, None
             self.kind = "sqlite"
+            self.is_local = True
         return self._sqlite
+
+    def describe(self) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
+        return self.path, ()
 
     def _meta(self, key: str, record: Any) -> dict[str, Any]:
         meta = legacy_meta(key, record, {"key": key, "legacy": "reference-file", "created": self._created})

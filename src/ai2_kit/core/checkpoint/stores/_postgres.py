@@ -33,8 +33,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .._codec import Encoded, Signer, Verifier, decode_bytes, meta_from_json, meta_to_json, read_frame
 from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
-from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, check_seconds, library_version, own_key, parse_run
+from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, check_seconds, library_version, parse_run
 from ._conns import GroupCommit, ThreadConnections
+from ._shared import iter_meta_pages
 
 __all__ = ["PostgresStore", "DEFAULT_SCHEMA", "INLINE_MAX", "CHUNK_SIZE"]
 
@@ -70,19 +71,6 @@ def _first_line(e: BaseException) -> str:
 
 def _verifier(signer: Signer | None, meta: dict[str, Any]) -> Verifier | None:
     return signer.verifier(meta) if signer is not None else None
-
-
-def _successor(prefix: str) -> str | None:
-    """The smallest string greater than every string that starts with ``prefix``."""
-    while prefix:
-        c = ord(prefix[-1])
-        if c < 0x10FFFF:
-            nxt = c + 1
-            if 0xD800 <= nxt <= 0xDFFF:  # surrogates cannot be stored: skip them
-                nxt = 0xE000
-            return prefix[:-1] + chr(nxt)
-        prefix = prefix[:-1]
-    return None
 
 
 def split_url(url: str) -> tuple[str, str | None]:
@@ -234,6 +222,11 @@ class PostgresStore(Store):
             raise
 
     # -- connections ------------------------------------------------------------
+    def describe(self) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+        # The URL as given (password included: another process must log in
+        # too), and the schema, which the URL may not name.
+        return self._conninfo, (("schema", self.schema),)
+
     def _scrub(self, e: BaseException | str) -> str:
         """An error message without the password (libpq may echo parameters)."""
         text = e if isinstance(e, str) else _first_line(e)
@@ -583,11 +576,7 @@ class PostgresStore(Store):
         return self._delete_many([key]) == 1
 
     def _iter_meta(self, prefix: str) -> Iterator[dict[str, Any]]:
-        upper = _successor(prefix) if prefix else None
-        # Keyset pages, each its own query: no transaction stays open while
-        # the caller works (it may remove entries as it iterates).
-        op, bound = ">=", prefix
-        while True:
+        def fetch(op: str, bound: str, upper: str | None, limit: int) -> list[Any]:
             where = [f"key {op} %s"]
             params: list[Any] = [bound]
             if upper is not None:
@@ -596,22 +585,11 @@ class PostgresStore(Store):
             query = self._q(
                 "SELECT key, meta FROM {s}.entries WHERE " + " AND ".join(where) + " ORDER BY key LIMIT %s"
             )
-            params.append(PAGE_SIZE)
+            params.append(limit)
+            return self._run(lambda conn: conn.execute(query, params).fetchall())
 
-            def page(
-                conn: psycopg.Connection[Any], q: sql.Composed = query, p: list[Any] = params
-            ) -> list[Any]:
-                return conn.execute(q, p).fetchall()
-
-            rows = self._run(page)
-            for key, text in rows:
-                try:
-                    yield own_key(key, meta_from_json(text))
-                except ValueError as e:  # listing goes on past one damaged record
-                    yield {"key": key, "damaged": f"unreadable metadata ({e})"}
-            if len(rows) < PAGE_SIZE:
-                return
-            op, bound = ">", rows[-1][0]
+        # No transaction stays open between two pages.
+        return iter_meta_pages(fetch, prefix, PAGE_SIZE)
 
     # -- runs (the table is created with the schema, or on first use in older schemas) ---
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
