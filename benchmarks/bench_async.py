@@ -214,9 +214,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.offload_threads:
-        from ai2_kit.core.checkpoint import _checkpointer
+        from ai2_kit.core.checkpoint._checkpointer import _async
 
-        _checkpointer.OFFLOAD_THREADS = args.offload_threads
+        _async.OFFLOAD_THREADS = args.offload_threads
     where = tempfile.mkdtemp(prefix="bench-async-", dir=args.tmp)
     rows = []
     floor = asyncio.run(stall_of(lambda: plain_steps(args.n)))

@@ -162,7 +162,7 @@ def test_forks_while_threads_hit(tmp_path: Any, journal: str) -> None:
 
     ck = Checkpointer(store=SQLiteStore(str(tmp_path / "c.db"), journal=journal))
     try:
-        assert ck._hot and ck.store._wal == (journal == "wal")  # type: ignore[attr-defined]
+        assert ck.store._wal == (journal == "wal")  # type: ignore[attr-defined]
         for i in range(50):
             ck(f"k{i}")(step)(i)
         stop = threading.Event()
@@ -213,3 +213,57 @@ def test_forks_while_threads_hit(tmp_path: Any, journal: str) -> None:
         assert ck.store.integrity_check() == []  # type: ignore[attr-defined]
     finally:
         ck.close()
+
+
+_HOOK_ORDER = r'''
+import os, sys
+from ai2_kit.core.checkpoint import _forking
+
+log = []
+
+
+def note(name):
+    return lambda: log.append(name)
+
+
+def boom():
+    raise RuntimeError("a failing hook")
+
+
+_forking.at_fork(before=note("b1"), after_in_parent=note("p1"), after_in_child=note("c1"))
+_forking.at_fork(before=note("b2"), after_in_parent=boom, after_in_child=boom)
+_forking.at_fork(before=note("b3"), after_in_parent=note("p3"), after_in_child=note("c3"))
+pid = os.fork()
+if pid == 0:
+    print("child", " ".join(log), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent", " ".join(log), flush=True)
+'''
+
+
+def test_fork_hooks_run_in_the_registry_order_and_one_failing_stops_none() -> None:
+    # _forking follows the operating system's rule: "before" hooks in the
+    # reverse order of registration, "after" hooks in that order; a hook that
+    # raises is reported and the next one still runs.
+    proc = subprocess.run([sys.executable, "-c", _HOOK_ORDER], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["child b3 b2 b1 c1 c3", "parent b3 b2 b1 p1 p3"]
+    assert proc.stderr.count("RuntimeError: a failing hook") == 2
+
+
+def test_the_package_registers_its_fork_hooks_only_with_the_registry() -> None:
+    # One os.register_at_fork call in the package: every module's hooks go
+    # through _forking, in import order (codec, connections, runs, checkpointer, facade).
+    import pathlib
+
+    import ai2_kit.core.checkpoint as pkg
+    from ai2_kit.core.checkpoint import _forking
+
+    root = pathlib.Path(pkg.__file__).parent
+    callers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "os.register_at_fork(" in p.read_text())
+    assert callers == ["_forking.py"]
+    child = [getattr(h, "__module__", "") or "" for h in _forking._after_in_child]
+    mine = [m.rsplit(".", 1)[-1] if m != "ai2_kit.core.checkpoint" else "facade" for m in child if m]
+    assert mine == ["_conns", "_runs", "_async", "_dedup", "_policy", "facade"]
+    assert len(child) == len(mine) + 1  # and the codec's lock, released first

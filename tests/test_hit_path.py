@@ -291,7 +291,7 @@ def test_an_async_small_hit_is_one_select(tmp_path: Path, stale: str) -> None:
 
 
 def test_an_async_large_hit_is_read_in_a_thread_without_its_value_on_the_loop(tmp_path: Path) -> None:
-    from ai2_kit.core.checkpoint._checkpointer import INLINE_MAX_BYTES
+    from ai2_kit.core.checkpoint._checkpointer._async import INLINE_MAX_BYTES
 
     big = b"x" * (INLINE_MAX_BYTES * 2)
 
@@ -470,7 +470,7 @@ def test_a_hit_the_short_way_cannot_settle_is_read_once(tmp_path: Path, case: st
         assert len([s for s in selects if "SELECT" in s]) == 2, selects  # the short way, then the full way
 
 
-# -- the hot path of a hit (CheckpointedFunction.__call__) ---------------------------------
+# -- the one call path (CheckpointedFunction.__call__): the short look-up first ---------------
 
 
 async def _seven() -> int:
@@ -506,57 +506,81 @@ def _script(ck: Checkpointer) -> list[Any]:
     return out
 
 
-def _count_prepares(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The keys that went the full way (``CheckpointedFunction._prepare``), in order."""
-    from ai2_kit.core.checkpoint._checkpointer import CheckpointedFunction
+def _count_full_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys that went the full way (``Checkpointer.lookup``: the short look-up did not settle them)."""
+    looked: list[str] = []
+    full = Checkpointer.lookup
 
-    prepared: list[str] = []
-    full = CheckpointedFunction._prepare
+    def counting(self: Any, key: str) -> Any:
+        looked.append(key)
+        return full(self, key)
 
-    def counting(self: Any, ckpt: Any, k: str, *rest: Any) -> Any:
-        prepared.append(k)
-        return full(self, ckpt, k, *rest)
+    monkeypatch.setattr(Checkpointer, "lookup", counting)
+    return looked
 
-    monkeypatch.setattr(CheckpointedFunction, "_prepare", counting)
-    return prepared
+
+class _EveryStep(Checkpointer):
+    """Every step of a call overridden (and recorded): the one path must call each of them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.steps: list[tuple[str, str]] = []
+        super().__init__(*args, **kwargs)
+
+    def lookup_call(self, key: str, *rest: Any) -> Any:
+        self.steps.append(("lookup_call", key))
+        return super().lookup_call(key, *rest)
+
+    def log_hit(self, key: str, meta: dict[str, Any]) -> None:
+        self.steps.append(("log_hit", key))
+        super().log_hit(key, meta)
+
+    def fingerprint(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        return super().fingerprint(fn, args, kwargs)
+
+    def accept(self, key: str, *rest: Any) -> bool:
+        self.steps.append(("accept", key))
+        return super().accept(key, *rest)
+
+    def _enter(self) -> bool:
+        return super()._enter()
+
+    def _leave(self) -> None:
+        super()._leave()
 
 
 @pytest.mark.parametrize("stale", ["warn", "rerun", "ignore"])
-def test_the_hot_path_and_the_full_path_agree(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                              monkeypatch: pytest.MonkeyPatch, stale: str) -> None:
-
-    prepared = _count_prepares(monkeypatch)
+def test_one_path_whose_first_step_is_the_short_look_up(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch, stale: str) -> None:
+    # The same calls on a checkpointer and on a subclass that overrides every
+    # step: the same results, log lines and run counts, and the subclass's
+    # steps are called on hits too (no call takes a way around them).
+    looked = _count_full_lookups(monkeypatch)
     results, logs, taken = [], [], []
-    for hot in (True, False):
+    for cls in (Checkpointer, _EveryStep):
         RUNS.clear()
-        prepared.clear()
+        looked.clear()
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger=LOGGER), \
-                Checkpointer(tmp_path / f"{hot}.db", stale=stale) as ck:
-            assert ck._hot
-            ck._hot = hot  # off: every call goes the full way, as before the hot path
+        where = tmp_path / f"{cls.__name__}.db"
+        with caplog.at_level(logging.INFO, logger=LOGGER), cls(where, stale=stale) as ck:
             results.append(_script(ck))
-        logs.append([(r.levelname, re.sub(r"took [0-9.]+ s", "took T s",
-                                          r.getMessage().replace(str(tmp_path / f"{hot}.db"), "F")))
+        logs.append([(r.levelname, re.sub(r"took [0-9.]+ s", "took T s", r.getMessage().replace(str(where), "F")))
                      for r in caplog.records])
-        taken.append(list(prepared))
+        taken.append(list(looked))
     assert results[0] == results[1]
     assert logs[0] == logs[1]
     if stale != "rerun":
         assert any("checkpoint 'a'" in r[1] and r[0] == "WARNING" for r in logs[0]) == (stale == "warn")
-    # The hot path settled the plain hits itself (and the misses of functions
-    # fingerprinted before); the full way saw every call.
-    assert taken[1].count("a") == 4 and taken[0].count("a") < 4
-    assert taken[1].count("d") == 2 and taken[0].count("d") <= 1  # the hit: hot
+    # The short look-up settled the plain misses and hits itself: only what it
+    # could not settle (a digest that differs) went the full way.
+    assert taken[0] == taken[1]
+    assert taken[0].count("a") < 4 and taken[0].count("d") <= 1
 
 
-def test_a_subclass_that_changes_a_step_of_a_hit_gets_no_hot_path(tmp_path: Path) -> None:
-    class Looking(Checkpointer):
-        def lookup_call(self, *args: Any) -> Any:
-            return super().lookup_call(*args)
-
-    with Looking(tmp_path / "a.db") as a, Checkpointer(tmp_path / "b.db") as b:
-        assert not a._hot and b._hot
+def test_a_subclass_step_is_called_on_every_hit(tmp_path: Path) -> None:
+    with _EveryStep(tmp_path / "a.db") as ck:
+        assert ck("k")(step)(1) == want(1) and ck("k")(step)(1) == want(1)
+        assert ck.steps == [("lookup_call", "k"), ("lookup_call", "k"), ("log_hit", "k")]
+    assert RUNS == [1]
 
 
 class _ClosingInside(SQLiteStore):
@@ -570,12 +594,11 @@ class _ClosingInside(SQLiteStore):
         return super().lookup_fast(*args, **kwargs)
 
 
-def test_close_during_a_hot_hit_closes_the_store_after_it(tmp_path: Path) -> None:
+def test_close_during_a_hit_closes_the_store_after_it(tmp_path: Path) -> None:
     from ai2_kit.core.checkpoint import CheckpointError
 
     store = _ClosingInside(str(tmp_path / "c.db"))
     ck = Checkpointer(store=store)
-    assert ck._hot
     assert ck("k")(step)(1) == want(1)
     store.during.append(ck.close)
     assert ck("k")(step)(1) == want(1)  # closed mid-hit: the hit still reads and returns
@@ -676,7 +699,7 @@ def test_the_hit_crc_is_the_standard_crc_whichever_library_computes_it(aw: int) 
     assert _sqlite.hit_crc(kcrc, aw, frame) == want_crc == zlib.crc32(b"a/b" + b"\x01" * aw + frame)
 
 
-def test_the_seed_interface_takes_the_hot_path_and_follows_the_default_store(
+def test_the_seed_interface_settles_hits_the_short_way_and_follows_the_default_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # apply_checkpoint(key)(fn)(*args), as workflows call it: the wrapper resolves the
@@ -684,16 +707,16 @@ def test_the_seed_interface_takes_the_hot_path_and_follows_the_default_store(
     from ai2_kit.core.checkpoint import apply_checkpoint, get_checkpointer, set_checkpoint_file
     from ai2_kit.core.checkpoint._checkpointer import make_wrapper
 
-    prepared = _count_prepares(monkeypatch)
+    looked = _count_full_lookups(monkeypatch)
     assert apply_checkpoint("k")(step)(1) == want(1)  # no store: it just runs
     a = set_checkpoint_file(tmp_path / "a.db")
     kept = apply_checkpoint("k")(step)
     assert vars(kept) == vars(make_wrapper(step, "k", False, get_checkpointer))
     assert kept(1) == want(1) and apply_checkpoint("k")(step)(1) == want(1)  # a miss, then a hit
-    prepared.clear()
+    looked.clear()
     for _ in range(3):
         assert apply_checkpoint("k")(step)(1) == want(1)
-    assert prepared == [] and RUNS == [1, 1]  # hits: the hot path only
+    assert looked == [] and RUNS == [1, 1]  # hits: the short look-up only
     b = set_checkpoint_file(tmp_path / "b.db")
     assert kept(1) == want(1) and "k" in b.store and RUNS == [1, 1, 1]  # the new default: a miss there
     assert a.closing and not b.closing

@@ -334,7 +334,7 @@ _FLIGHT = textwrap.dedent('''
     import faulthandler, signal, sys, threading, time
     faulthandler.dump_traceback_later(60, exit=True)
     from ai2_kit.core.checkpoint import Checkpointer
-    from ai2_kit.core.checkpoint import _checkpointer as cp
+    from ai2_kit.core.checkpoint._checkpointer import _dedup as cp
 
     ckpt = Checkpointer(sys.argv[1], dedup=True, lease=30)
     go = threading.Event()

@@ -31,11 +31,10 @@ from ._checkpointer import (
     P,  # defined at run time, so typing.get_type_hints() on the public functions finds it
     StoreSpec,
     _normalize_location,
-    _plain_wrapper,
     _warn_off,
+    _wrap,
     check_seconds,
     checkpointer_for,
-    make_wrapper,
 )
 from ._compat import CheckpointService, checkpoint_service
 from ._errors import (
@@ -49,6 +48,7 @@ from ._errors import (
     SignatureMismatchError,
     StoreOpenError,
 )
+from ._forking import at_fork
 from .stores import SIGNING_KEY_ENV, DirectoryStore, SQLiteStore, Store, is_postgres_url, open_store
 
 __all__ = [
@@ -292,11 +292,10 @@ def apply_checkpoint(
     (``"warn"``, ``"rerun"``, ``"ignore"``) overrides the store's policy for
     saved results whose arguments or code changed since (see ``Checkpointer``).
     """
-    if type(key_fn) is str and not disable and stale is None:
-        # The commonest decorator, made afresh by every call of a workflow: the
-        # wrapper without its general constructor (the same fields).
-        return functools.partial(_plain_wrapper, None, get_checkpointer, key_fn)  # type: ignore[return-value]
-    return lambda fn: make_wrapper(fn, key_fn, disable, get_checkpointer, stale)  # type: ignore[return-value]
+    if disable or stale is not None:
+        return functools.partial(_wrap, None, get_checkpointer, key_fn, disable=disable,  # type: ignore[return-value]
+                                 stale=stale)
+    return functools.partial(_wrap, None, get_checkpointer, key_fn)  # type: ignore[return-value]
 
 
 def del_checkpoint(key: str) -> bool:
@@ -312,5 +311,4 @@ def _after_fork_in_child() -> None:
     _default_lock = threading.Lock()  # a parent thread may have held it at the fork
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork(after_in_child=_after_fork_in_child)

@@ -29,6 +29,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._errors import StoreRemovedError
+from ._forking import at_fork
 from .stores._fs import HOST
 
 if TYPE_CHECKING:
@@ -327,5 +328,4 @@ class _Flusher:
 
 _flusher = _Flusher()
 atexit.register(_flusher.flush_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_flusher.after_fork)
+at_fork(after_in_child=_flusher.after_fork)

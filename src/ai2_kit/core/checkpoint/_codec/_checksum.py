@@ -9,12 +9,12 @@ thread, slice by slice, while the next slice is read or written.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import zlib
 from typing import Any, Callable, Optional
 
+from .._forking import at_fork
 from ._signing import Verifier
 
 # Private names, shared within the codec (and ``_fast_crc32`` with the SQLite
@@ -36,12 +36,7 @@ _fast: Optional[_Crc32] = None
 # Held while an optional module (zlib-ng, ctypes) is imported, and by fork()
 # (see _fast_crc32 and _fileio._writeback_starter).
 _import_lock = threading.Lock()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_import_lock.acquire,
-        after_in_parent=_import_lock.release,
-        after_in_child=_import_lock.release,
-    )
+at_fork(before=_import_lock.acquire, after_in_parent=_import_lock.release, after_in_child=_import_lock.release)
 
 
 def _fast_crc32() -> _Crc32:

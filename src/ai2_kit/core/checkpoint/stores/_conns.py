@@ -41,6 +41,8 @@ import time
 import weakref
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
 
+from .._forking import at_fork
+
 __all__ = ["ForkGate", "ThreadConnections", "GroupCommit"]
 
 C = TypeVar("C")
@@ -334,9 +336,7 @@ def _after_fork_in_child() -> None:
         commit._reset()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
+at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class _Request(Generic[T, R]):
