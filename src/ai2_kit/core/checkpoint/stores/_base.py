@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 from .._codec import CHECKED, Encoded, SignatureError, Signer, checking_only, encode, settle_crc
+from .._display import MAX_TIME, number
 from .._errors import (
     CorruptEntryError,
     NewerFormatError,
@@ -475,17 +476,6 @@ _RUN_TEXT = ("host", "user", "python")
 _RUN_COUNTS = ("pid", "steps_run", "hits", "stale", "reruns", "save_failures")
 _RUN_SECONDS = ("run_seconds", "saved_seconds")
 _RUN_TIMES = ("started", "last")
-_MAX_TIME = 253402300799.0  # the end of the year 9999: later times cannot be shown
-
-
-def _finite(x: object, high: float) -> Optional[float]:
-    if not isinstance(x, (int, float)) or isinstance(x, bool):
-        return None
-    try:
-        f = float(x)
-    except OverflowError:  # an int beyond float range
-        return None
-    return f if 0.0 <= f <= high else None  # NaN fails both comparisons
 
 
 def own_key(key: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -531,9 +521,9 @@ def clean_run(record: object) -> Optional[dict[str, Any]]:
         v = record.get(name)
         out[name] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 else None
     for name in _RUN_SECONDS:
-        out[name] = _finite(record.get(name), float("inf"))
+        out[name] = number(record.get(name))
     for name in _RUN_TIMES:
-        out[name] = _finite(record.get(name), _MAX_TIME)
+        out[name] = number(record.get(name), high=MAX_TIME)
     argv = record.get("argv")
     out["argv"] = argv if isinstance(argv, list) and all(isinstance(a, str) for a in argv) else None
     keys = record.get("stale_keys")
