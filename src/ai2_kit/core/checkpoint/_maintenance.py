@@ -76,7 +76,7 @@ def no_progress(items: Iterable[str], total: Optional[int], label: str) -> Itera
 
 def _total(store: Store) -> Optional[int]:
     """The entry count where it is one query; None where it would cost a second walk."""
-    return len(store) if store.kind in ("sqlite", "postgres") else None
+    return len(store) if store.counts_cheaply else None
 
 
 def verify_store(store: Store, progress: Progress = no_progress) -> VerifyReport:

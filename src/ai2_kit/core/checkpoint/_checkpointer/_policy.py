@@ -191,7 +191,7 @@ class Checkpointer:
         if store.newer_format is not None:
             logger.warning("%s", store.newer_format)
         self.strict = strict
-        self.dedup = (self.store.kind == "postgres") if dedup is None else bool(dedup)
+        self.dedup = self.store.dedup_default if dedup is None else bool(dedup)
         self.lease = float(lease)
         self._lock = threading.Lock()
         self._run: Optional[RunRecorder] = None

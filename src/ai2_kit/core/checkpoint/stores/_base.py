@@ -148,6 +148,12 @@ class Store(ABC):
     prefer: str = "file"
     #: Whether it holds the reference library's own format, which ``migrate`` converts.
     reference_format: bool = False
+    #: Whether ``len(store)`` is one query, not a walk of every entry (a
+    #: progress bar then shows a total).
+    counts_cheaply: bool = False
+    #: Whether same-key dedup is on when the checkpointer is not told: a store
+    #: that several hosts usually share at once.
+    dedup_default: bool = False
 
     def __init__(self, location: str, *, readonly: bool = False, readonly_reason: str = "") -> None:
         self.location = location

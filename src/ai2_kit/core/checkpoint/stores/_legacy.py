@@ -256,7 +256,7 @@ class LegacyFileStore(Store):
             self._sqlite, self.backup, _ = migrate_legacy_file(self.path)
             self._data, self._loaded = {}, None
             self.kind = "sqlite"
-            self.is_local = True
+            self.is_local = self.counts_cheaply = True
         return self._sqlite
 
     def describe(self) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:

@@ -167,6 +167,9 @@ class PostgresStore(Store):
     NotACheckpointStoreError (the schema holds something else).
     """
 
+    counts_cheaply = True
+    dedup_default = True
+
     kind = "postgres"
     supports_claims = True
     # A dropped connection while reading chunks is not a damaged entry.

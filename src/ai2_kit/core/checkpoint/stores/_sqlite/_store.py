@@ -99,6 +99,7 @@ class SQLiteStore(Store):
     supports_claims = True
     checksum_while_writing = True
     is_local = True
+    counts_cheaply = True
     storage_errors = (OSError, sqlite3.Error)
     damage_errors = (sqlite3.DatabaseError,)
     not_damage_errors = (sqlite3.OperationalError,)  # locked, busy, read-only, I/O: not the bytes
