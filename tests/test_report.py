@@ -113,7 +113,8 @@ def test_damaged_stale_and_reference_entries_are_listed_without_unpickling() -> 
         {"key": "b", "damaged": "metadata unreadable"},
         {"key": "legacy/x", "size": 3},  # a reference entry: no times
     ]
-    runs = [{"id": "r1", "started": 9.0, "last": 12.0, "stale_keys": ["a"], "steps_run": 1}]
+    # Judged stale by a run that started after the entry was saved: stale now.
+    runs = [{"id": "r1", "started": 11.0, "last": 12.0, "stale_keys": ["a"], "steps_run": 1}]
     steps, damaged, untimed = steps_from_metas(metas)
     assert [s.key for s in steps] == ["a"] and [m["key"] for m in damaged] == ["b"]
     assert [m["key"] for m in untimed] == ["legacy/x"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Optional
 
 __all__ = [
     "CheckpointError",
@@ -113,15 +114,17 @@ class ReadOnlyStoreError(CheckpointError, PermissionError):
 class CorruptEntryError(CheckpointError):
     """A stored entry failed its integrity check; its value is never returned."""
 
-    def __init__(self, location: str, key: str, reason: str) -> None:
+    def __init__(self, location: str, key: str, reason: str, fix: Optional[str] = None) -> None:
         self.location = location
         self.key = key
         self.reason = reason
-        super().__init__(
-            f"checkpoint entry {key!r} in {location!r} is damaged: {reason}. "
-            f"Remove it (ai2-kit tool checkpoint load {shlex.quote(location)} - rm {shlex.quote(key)}) "
-            "so the step runs again, or run 'verify' to salvage the rest."
-        )
+        # ``fix``: the reader knows the bytes may be sound elsewhere (a folder
+        # left behind by a copy), so removing the entry is not the advice.
+        state = "cannot be read here" if fix else "is damaged"
+        if fix is None:
+            fix = (f"Remove it (ai2-kit tool checkpoint load {shlex.quote(location)} - rm {shlex.quote(key)}) "
+                   "so the step runs again, or run 'verify' to salvage the rest.")
+        super().__init__(f"checkpoint entry {key!r} in {location!r} {state}: {reason}. {fix}")
 
 
 class SignatureMismatchError(CorruptEntryError):

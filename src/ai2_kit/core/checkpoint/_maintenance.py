@@ -29,10 +29,15 @@ class VerifyReport:
     damaged: dict[str, str] = dataclasses.field(default_factory=dict)
     store_problems: list[str] = dataclasses.field(default_factory=list)
     orphan_files: list[str] = dataclasses.field(default_factory=list)
+    #: Why entries cannot be read here although their values may exist elsewhere
+    #: (``Store.missing_side_files``: a copy left their folder behind), or None.
+    missing_side_files: Optional[str] = None
+    #: The damaged keys whose side-file folder is missing (restore it; do not remove them).
+    unreadable_here: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.damaged and not self.store_problems
+        return not self.damaged and not self.store_problems and self.missing_side_files is None
 
 
 @dataclasses.dataclass
@@ -89,12 +94,15 @@ def verify_store(store: Store, progress: Progress = no_progress) -> VerifyReport
     report = VerifyReport(store.location)
     report.store_problems.extend(store.structure_problems())
     report.orphan_files.extend(store.orphan_files())
+    report.missing_side_files = store.missing_side_files()
     try:
         for key in progress(_keys(store, None), _total(store), "verify"):
             report.entries += 1
             reason = store.verify(key)
             if reason is not None:
                 report.damaged[key] = reason
+                if report.missing_side_files is not None and "side-file folder" in reason:
+                    report.unreadable_here.append(key)
     except StoreDamagedError as e:
         report.store_problems.append(e.reason)
     return report

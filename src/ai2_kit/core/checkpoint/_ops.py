@@ -24,6 +24,7 @@ except that a pattern that is exactly an existing key names that key alone
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -32,6 +33,7 @@ from ._display import MAX_TIME, count, number
 from ._errors import CheckpointError, CorruptEntryError, InvalidKeyError, ReadOnlyStoreError, StoreOpenError
 from ._keys import is_glob, key_matcher
 from ._maintenance import Progress, no_progress
+from ._report import stale_by, stale_judgements
 from .stores import Store, is_postgres_url, migrate_legacy_file, open_store
 from .stores._fs import store_path
 from .stores._legacy import backup_path, load_legacy_file
@@ -43,6 +45,10 @@ __all__ = [
     "select",
     "remove",
     "created_since",
+    "stale_now",
+    "iter_stale",
+    "from_key_on",
+    "key_order",
     "TreeNode",
     "tree",
     "MigrationReport",
@@ -201,6 +207,61 @@ def created_since(store: Store, key: str, pattern: str | None = None, exclude: E
              if m["key"] == key or (number(m.get("created"), high=MAX_TIME) or -1.0) >= since]
     later.sort(key=lambda m: (number(m.get("created"), high=MAX_TIME) or 0.0, m["key"]))
     return [m["key"] for m in later]
+
+
+def iter_stale(store: Store, pattern: str | None = None, exclude: Exclude = None) -> Iterator[dict[str, Any]]:
+    """The metadata of the entries stale now (see ``stale_now``), in key order, streamed."""
+    judged = stale_judgements(store.iter_runs())
+    if not judged:
+        return
+    for meta in iter_select(store, pattern, exclude):
+        if stale_by(judged, meta) is not None:
+            yield meta
+
+
+def stale_now(store: Store, pattern: str | None = None, exclude: Exclude = None) -> dict[str, str]:
+    """The entries stale now: key -> id of the run that judged it, in key order.
+
+    Stale now: a run judged the entry stale (its arguments, code or, with
+    ``environment="stale"``, environment differed) after it was saved, and it
+    was neither replaced nor removed since. Runs' own ``stale_keys`` are their
+    history and keep every judgement.
+    """
+    judged = stale_judgements(store.iter_runs())
+    out: dict[str, str] = {}
+    for meta in iter_select(store, pattern, exclude) if judged else ():
+        rid = stale_by(judged, meta)
+        if rid is not None:
+            out[meta["key"]] = rid
+    return out
+
+
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def key_order(key: str) -> tuple[list[list[Any]], str]:
+    """The sort key of ``rm --from KEY --by key``: part by part, runs of digits compared as numbers.
+
+    So ``iters-9`` comes before ``iters-10``, and a key part before every key
+    below it (``iters-001`` before ``iters-001/label``). ``re.split`` with a
+    group alternates text and digits, so every position compares like with
+    like; the key itself breaks ties (``it-09`` and ``it-9``).
+    """
+    parts = [[int(c) if i % 2 else c for i, c in enumerate(_DIGITS.split(part))] for part in key.split("/")]
+    return parts, key
+
+
+def from_key_on(store: Store, key: str, pattern: str | None = None, exclude: Exclude = None) -> list[str]:
+    """Every entry whose key comes at or after ``key`` in ``key_order``, in that order.
+
+    What "redo everything from this step on" removes when the keys carry the
+    workflow's order (``iters-003/...``), whenever each entry was saved: an
+    iteration redone after a later one keeps its place. ``key`` need not be an
+    entry (``iters-003`` starts at that iteration's first key).
+    """
+    start = key_order(key)
+    later = [m["key"] for m in iter_select(store, pattern, exclude) if key_order(m["key"]) >= start]
+    return sorted(later, key=key_order)
 
 
 def remove(store: Store, pattern: str, exclude: Exclude = None) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import html
+import itertools
 import os
 import stat
 import time
@@ -27,7 +28,7 @@ from ._runs import mask_argv
 from .stores._base import clean_run
 from .stores._fs import file_kind, replace_file
 
-__all__ = ["render_report", "write_report", "Step", "steps_from_metas", "lane_of"]
+__all__ = ["render_report", "write_report", "Step", "steps_from_metas", "lane_of", "stale_judgements", "stale_by"]
 
 #: Width of the timeline in SVG user units; the page scales it to the window.
 WIDTH = 1200.0
@@ -330,15 +331,55 @@ def command_line(argv: object) -> str:
     return " ".join(mask_argv(argv))
 
 
-def _problems(runs: list[dict[str, Any]], damaged: list[dict[str, Any]]) -> str:
-    out = []
-    stale: dict[str, str] = {}
+def stale_judgements(runs: Iterable[dict[str, Any]]) -> dict[str, tuple[float, str]]:
+    """Every key some run judged stale: (the latest start of such a run, its id).
+
+    A run record says which keys it judged stale, not when; its start is the
+    earliest the judgement can have been made. A run without a usable start
+    time counts as judging last (its entries stay listed until replaced or
+    removed): listing too much is safer than hiding a stale result.
+    """
+    judged: dict[str, tuple[float, str]] = {}
     for r in runs:
-        for key in r.get("stale_keys") or []:
-            stale[str(key)] = str(r.get("id", "?"))
+        clean = clean_run(r)
+        if clean is None:
+            continue
+        started = clean["started"] if clean["started"] is not None else float("inf")
+        for key in clean["stale_keys"]:
+            if key not in judged or started >= judged[key][0]:
+                judged[key] = (started, clean["id"])
+    return judged
+
+
+def stale_by(judged: dict[str, tuple[float, str]], meta: dict[str, Any]) -> str | None:
+    """The id of the run that makes this entry stale now, or None.
+
+    Stale now: a run that started after the entry was saved judged it stale,
+    and the entry was not replaced since (a replacement is saved after the
+    run that judged the old one started: a rerun, or ``rm`` and a new run).
+    A removed entry has no record to ask about. An entry without a saved
+    time (a reference-format one) cannot be shown to be newer: it stays.
+    """
+    hit = judged.get(str(meta.get("key")))
+    if hit is None or "damaged" in meta:
+        return None
+    created = number(meta.get("created"), high=MAX_TIME)
+    return hit[1] if created is None or created < hit[0] else None
+
+
+def _problems(runs: list[dict[str, Any]], metas: Iterable[dict[str, Any]], damaged: list[dict[str, Any]]) -> str:
+    out = []
+    judged = stale_judgements(runs)
+    stale: dict[str, str] = {}
+    if judged:
+        for meta in metas:
+            rid = stale_by(judged, meta)
+            if rid is not None:
+                stale[str(meta["key"])] = rid
     if stale:
-        out.append(f"<h3>Stale entries ({len(stale)})</h3><p>Saved results whose arguments or code had changed "
-                   "when a run hit them. Remove one with <code>rm KEY</code> to run its step again.</p><ul>")
+        out.append(f"<h3>Stale entries ({len(stale)})</h3><p>Saved results that a later run found made "
+                   "with other arguments or code, and that were not replaced or removed since. Remove one "
+                   "with <code>rm KEY</code> to run its step again.</p><ul>")
         for key, rid in sorted(stale.items())[:MAX_LISTED]:
             out.append(f'<li class="stale">{_e(key)} <small>(seen by run {_e(rid)})</small></li>')
         if len(stale) > MAX_LISTED:
@@ -414,7 +455,7 @@ def render_report(
         "<h2>Runs</h2>",
         _runs_table(list(runs), colours),
         "<h2>Stale and damaged entries</h2>",
-        _problems(list(runs), damaged),
+        _problems(list(runs), itertools.chain((s.meta for s in steps), untimed), damaged),
         "<h2>Keys</h2>",
         _key_tree(steps, untimed),
         "</body></html>",

@@ -7,6 +7,7 @@ and reports what it returns.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 from typing import Any, Optional, TypeVar
@@ -29,17 +30,31 @@ def _check_rm(kwargs: dict[str, Any]) -> None:
         raise UsageError("choose one of --yes and --dry-run")
     if not kwargs.get("pattern") and kwargs.get("from_key") is None:
         raise UsageError("rm needs a PATTERN or --from KEY; use '*' to remove every entry")
+    if kwargs.get("by") is not None and kwargs.get("from_key") is None:
+        raise UsageError("--by goes with --from KEY")
+
+
+def _by(text: str) -> str:
+    if text not in ("key", "time"):
+        raise argparse.ArgumentTypeError(f"--by takes 'key' or 'time', not {text!r}")
+    return text
 
 
 class ChangeCommands(ToolBase):
     @command(
         "remove entries, e.g. to redo a workflow from some step on",
-        usage=["load STORE - rm PATTERN [options]", "load STORE - rm --from KEY [PATTERN] [options]",
+        usage=["load STORE - rm PATTERN [options]", "load STORE - rm --from KEY [--by key|time] [PATTERN] [options]",
                "rm STORE PATTERN [options]"],
         description="""\
 Remove the entries matching PATTERN, so that those steps run again next time.
 With --from KEY, remove KEY and every entry created after it (within PATTERN
-if one is given): "redo everything from this step on".
+if one is given): "redo everything from this step on". With --from KEY --by key,
+remove every entry whose key comes at or after KEY in key order instead, whenever
+it was saved: for keys that carry the workflow's order (iters-003/...), where an
+earlier iteration redone later would otherwise keep the later ones. Key order
+compares the '/' parts in turn, runs of digits as numbers (iters-9 before
+iters-10); there KEY need not be an entry: --from iters-003 starts at that
+iteration.
 No value is unpickled. Matching nothing is reported and is not an error.
 
 When stdin is a terminal, rm shows what will go and asks once. When it is not
@@ -50,6 +65,9 @@ prints every key it removed; use --dry-run to look first.""",
             flag("-y", "--yes", dest="yes", help="do not ask"),
             flag("-n", "--dry-run", dest="dry_run", help="only show what would be removed"),
             value("--from", dest="from_key", metavar="KEY", help="KEY and every entry created after it"),
+            value("--by", dest="by", metavar="key|time", type=_by,
+                  help="with --from: created at or after KEY (time, the default), or at or after it in "
+                       "key order (key)"),
             value("--exclude", dest="exclude", metavar="GLOB", repeat=True, help="keep keys matching GLOB"),
         ],
         footer=PATTERN_HELP + """
@@ -60,11 +78,12 @@ unpickled, after a backup copy beside it (FILE.legacy-<time>.bak).
         examples=['load ./checkpoint.pkl - rm "iters-000/deepmd"',
                   'load ./checkpoint.pkl - rm "iters-00[3-9]/*" --exclude "*/cp2k/*" --yes',
                   'rm ./checkpoint.pkl "iters-003" --dry-run',
-                  "load ./checkpoint.pkl - rm --from iters-003/label --dry-run"],
+                  "load ./checkpoint.pkl - rm --from iters-003/label --dry-run",
+                  "load ./checkpoint.pkl - rm --from iters-003 --by key --dry-run"],
     )
     def rm(
         self: _Self, pattern: Optional[str] = None, exclude: Optional[list[str]] = None, yes: bool = False,
-        dry_run: bool = False, from_key: Optional[str] = None,
+        dry_run: bool = False, from_key: Optional[str] = None, by: Optional[str] = None,
     ) -> _Self:
         """Remove entries (see ``--help``)."""
         self._ran = True
@@ -73,7 +92,12 @@ unpickled, after a backup copy beside it (FILE.legacy-<time>.bak).
         # List first with a read-only store: a dry run or a declined prompt
         # must not convert a reference file or touch anything.
         store = self._open(write=False)
-        if from_key is not None:
+        if by is not None and from_key is None:
+            raise UsageError("--by goes with --from KEY")
+        if from_key is not None and by == "key":
+            keys = _ops.from_key_on(store, from_key, pattern or None, exclude)
+            what = f"from {from_key!r} on in key order" + (f" matching {pattern!r}" if pattern else "")
+        elif from_key is not None:
             keys = _ops.created_since(store, from_key, pattern or None, exclude)
             what = f"{from_key!r} and every entry created after it" + (f" matching {pattern!r}" if pattern else "")
         else:
@@ -175,11 +199,22 @@ nothing is changed. The exit status is 1 when something is damaged.""",
             for key, reason in sorted(copied.failed.items()):
                 self._note(f"  not salvaged: {printable(key)}: {one_line(reason)}")
             return self
+        if report.missing_side_files is not None:
+            self._emit(f"  store problem: {one_line(report.missing_side_files)}")
         if not report.ok:
+            if len(report.unreadable_here) == len(report.damaged) and not report.store_problems:
+                # Their values may well exist beside the original: removing
+                # these entries would throw away results that can be restored.
+                raise CommandError(
+                    f"{store.location}: {entries(len(report.unreadable_here))} cannot be read because the "
+                    f"side-file folder is missing; restore it rather than removing them (see above)"
+                )
             raise CommandError(
                 f"{store.location} is damaged. Remove the damaged entries so their steps run again "
                 f"({self._prog} load {shlex.quote(self._shown())} - rm KEY), or copy the readable ones to "
                 f"a new store with: {self._prog} verify {shlex.quote(self._shown())} --salvage NEW"
+                + (f" ({entries(len(report.unreadable_here))} only lack their side-file folder: restore it "
+                   "instead of removing those)" if report.unreadable_here else "")
             )
         return self
 

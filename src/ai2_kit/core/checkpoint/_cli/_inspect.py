@@ -38,6 +38,8 @@ def _check_ls(kwargs: dict[str, Any]) -> None:
         raise UsageError("--depth goes with --tree")
     if kwargs.get("as_tree") and kwargs.get("as_json"):
         raise UsageError("choose one of --tree and --json")
+    if kwargs.get("stale") and kwargs.get("as_tree"):
+        raise UsageError("choose one of --stale and --tree")
 
 
 def _verbose_line(meta: dict[str, Any]) -> str:
@@ -133,6 +135,9 @@ is ever unpickled.""",
             flag("--tree", dest="as_tree", help="group keys by '/' with entry counts and sizes per level"),
             value("--depth", dest="depth", metavar="N", type=_depth, help="with --tree: show N levels"),
             value("--exclude", dest="exclude", metavar="GLOB", repeat=True, help="leave out keys matching GLOB"),
+            flag("--stale", dest="stale",
+                 help="only the entries stale now: judged stale by a run after they were saved, and not "
+                      "replaced or removed since"),
         ],
         footer=PATTERN_HELP, check=_check_ls,
         examples=["load ./checkpoint.pkl - ls", "load ./checkpoint.pkl - ls --verbose",
@@ -146,11 +151,12 @@ is ever unpickled.""",
         as_json: bool = False,
         as_tree: bool = False,
         depth: Optional[int] = None,
+        stale: bool = False,
     ) -> _Self:
         """List keys (see ``--help``)."""
         self._ran = True
         store = self._open()
-        metas = _ops.iter_select(store, pattern, exclude)
+        metas = (_ops.iter_stale if stale else _ops.iter_select)(store, pattern, exclude)
         if as_tree:
             count = self._print_tree(store, metas, depth)
         elif as_json:
@@ -162,6 +168,8 @@ is ever unpickled.""",
             count = self._print_lines(metas, lambda m: printable(m["key"]))
         if count == 0:
             what = f"no entries match {pattern!r}" if pattern else "no entries"
+            if stale:
+                what = f"no stale entries match {pattern!r}" if pattern else "no stale entries"
             excl = " (after --exclude)" if exclude else ""
             self._note(f"{store.location}: {what}{excl}")
         return self

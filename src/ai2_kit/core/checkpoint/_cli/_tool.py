@@ -27,6 +27,7 @@ class ToolBase:
         self._store: Store | None = None
         self._writable = False
         self._ran = False
+        self._warned: str | None = None  # the location whose side-file folder was checked
 
     def _emit(self, line: str = "") -> None:
         self._out.write(line + "\n")
@@ -43,6 +44,13 @@ class ToolBase:
         # Read-only for ls/show: they must never create, migrate or lock anything.
         self._store = _ops.open_existing(self._location, readonly=not write, allow_newer=False)
         self._writable = write
+        if self._warned != self._location:
+            # Said where it is first noticed: a copy made without the side-file
+            # folder lists every entry but reads none of those kept there.
+            self._warned = self._location
+            problem = self._store.missing_side_files()
+            if problem is not None:
+                self._note(f"warning: {self._store.location}: {problem}")
         return self._store
 
     def _progress(self) -> _maintenance.Progress:

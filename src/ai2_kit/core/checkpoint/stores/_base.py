@@ -258,7 +258,10 @@ class Store(ABC):
         except self.transient_errors:
             raise
         except Exception as e:  # any other failure to read or unpickle is damage
-            raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}") from e
+            # A loader may know a better fix than removing the entry (a side-file
+            # folder left behind by a copy: the value still exists elsewhere).
+            raise CorruptEntryError(self.location, key, f"{type(e).__name__}: {e}",
+                                    fix=getattr(e, "fix", None)) from e
 
     def verify(self, key: str) -> Optional[str]:
         """Check one entry's bytes (checksum, and MAC with a signing key) without unpickling.
@@ -450,6 +453,15 @@ class Store(ABC):
     def structure_problems(self) -> list[str]:
         """What the engine's own check of its structure finds (``verify``); empty when sound or unchecked."""
         return []
+
+    def missing_side_files(self) -> Optional[str]:
+        """Why entries cannot be read here because the folder of their side files is missing, or None.
+
+        A store copied without that folder (``cp FILE`` leaves ``FILE.blobs/``
+        behind) lists every entry but reads none kept there; the values may
+        still exist beside the original. Engines that keep no side files: None.
+        """
+        return None
 
     def orphan_files(self) -> list[str]:
         """Files of the store that no entry owns (left by writers killed mid-save); harmless, removable."""

@@ -12,7 +12,7 @@ from ..._codec import Encoded, Signer, decode_bytes, read_frame, verifier_for
 from .._fs import HOST, ensure_durable, fsync_dir, fsync_file, make_dirs
 
 __all__ = ["INLINE_MAX", "InlineLoader", "FileLoader", "MissingLoader", "blob_path", "write_blob", "unlink_blob",
-           "frame_names", "writer_of"]
+           "frame_names", "writer_of", "MissingFolderError", "folder_missing_fix"]
 
 #: Frames larger than this live in a side file next to the database, written
 #: from the value's own memory, so the database (and its WAL) stays small.
@@ -50,7 +50,25 @@ class MissingLoader:
         self._path = path
 
     def __call__(self, signer: Signer | None) -> Any:
-        raise FileNotFoundError(f"its side file {self._path} is missing")
+        folder = os.path.dirname(self._path)
+        if os.path.isdir(folder):
+            raise FileNotFoundError(f"its side file {self._path} is missing")
+        raise MissingFolderError(folder)
+
+
+def folder_missing_fix(folder: str) -> str:
+    """What to do when the side-file folder is not beside the database (the values are likely elsewhere)."""
+    name = os.path.basename(folder)
+    return (f"Copy the store together with its folder {name}/ (put the original {name}/ beside it), "
+            f"or make copies with 'ai2-kit tool checkpoint load SRC - copy DEST', which takes the values along.")
+
+
+class MissingFolderError(FileNotFoundError):
+    """The whole side-file folder is missing: a copy left it behind; the entry is not damaged."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(f"its side-file folder {folder}/ is missing")
+        self.fix = folder_missing_fix(folder)
 
 
 def blob_path(blob_dir: str, name: str) -> str:

@@ -22,6 +22,7 @@ from ._blobs import (
     InlineLoader,
     MissingLoader,
     blob_path,
+    folder_missing_fix,
     frame_names,
     unlink_blob,
     write_blob,
@@ -554,6 +555,17 @@ class SQLiteStore(Store):
 
     def orphan_files(self) -> list[str]:
         return self.orphan_blobs()
+
+    def missing_side_files(self) -> Optional[str]:
+        if os.path.isdir(self.blob_dir):
+            return None
+        with self._session() as conn:
+            n = conn.execute("SELECT count(*) FROM entries WHERE blob IS NOT NULL").fetchone()[0]
+        if not n:
+            return None
+        return (f"{n} {'entry keeps its value' if n == 1 else 'entries keep their values'} in side files, "
+                f"and their folder {self.blob_dir}/ is missing (the store was copied or moved without it?). "
+                f"{folder_missing_fix(self.blob_dir)}")
 
     def probe_keys(self) -> Optional[Iterator[str]]:
         """Every key, row by row: one damaged page costs only the rows on it."""
