@@ -24,7 +24,7 @@ import os
 import random
 import struct
 import time
-from typing import Any, BinaryIO, Callable, Iterator, Tuple, TypeVar, cast
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Tuple, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -225,7 +225,7 @@ class PostgresStore(Store):
             raise
 
     # -- connections ------------------------------------------------------------
-    def describe(self) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    def describe(self) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
         # The URL as given (password included: another process must log in
         # too), and the schema, which the URL may not name.
         return self._conninfo, (("schema", self.schema),)

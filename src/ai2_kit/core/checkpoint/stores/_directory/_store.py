@@ -8,7 +8,7 @@ import errno
 import os
 import pickle
 import stat
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from ..._codec import Encoded, Signer, meta_from_json, meta_to_json, read_frame, settle_crc, verifier_for, write_all
 from ..._errors import NotACheckpointStoreError, StoreOpenError
@@ -339,7 +339,7 @@ class DirectoryStore(ClaimsAndRuns, Store):
                 return
             folder = os.path.dirname(folder)
 
-    def describe(self) -> tuple[str, tuple[tuple[str, Any], ...]] | None:
+    def describe(self) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
         return self.root, ()
 
     # -- leftovers of killed writers ---------------------------------------------
