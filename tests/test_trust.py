@@ -91,6 +91,16 @@ def test_foreign_files_inside_a_store_stay_invisible_and_intact(tmp_path: Path) 
     other = store_dir / "results" / "table.csv"
     other.write_text("a,b\n")
     before = snapshot(store_dir / "results")
+    # The store was made empty by us: its marker says no reference file can be
+    # in it, so a reference-looking pickle is never looked at (issue 26).
+    marker_file = store_dir / ".ai2-kit-checkpoint"
+    info = json.loads(marker_file.read_text())
+    assert info["reference_files"] is False
+    assert cli("ls", str(store_dir)).out.splitlines() == ["first"]
+    # A store whose marker predates that word (or that adopted a reference
+    # folder) keeps looking for reference files.
+    del info["reference_files"]
+    marker_file.write_text(json.dumps(info))
     assert cli("ls", str(store_dir)).out.splitlines() == ["first", "results/energies.pkl"]
     # A reference-looking pickle is listed as a reference entry, but a plain
     # user pickle is not: make it plainly the user's.

@@ -24,11 +24,14 @@ class Folder:
     readonly_reason: str
     newer_format: Optional[NewerFormatError]
     _marker_ok: bool
+    _no_reference: bool
     _opened_id: Optional[tuple[int, int]]
 
     def _create_root(self) -> None:
         try:
             created = make_dirs(self.root, "")
+            if self.root in created:
+                self.layout = "new"  # made empty here: the marker says no reference file can be in it
             self._ensure_marker()
             # The new folders' names live in their parents: durable only once those are fsynced.
             for folder in created:
@@ -52,6 +55,9 @@ class Folder:
         if found > FORMAT_VERSION:
             err = NewerFormatError(self.root, found, FORMAT_VERSION, str(info.get("created_by", "")))
             self.readonly, self.readonly_reason, self.newer_format = True, str(err), err
+        # Only a marker that says so spares the look-ups of reference per-key
+        # files; markers written before the field existed keep them.
+        self._no_reference = info.get("reference_files") is False
         self._marker_ok = True
 
     def _classify(self, adopt: bool) -> None:
@@ -117,9 +123,14 @@ class Folder:
             return
         marker = os.path.join(self.root, MARKER)
         if not os.path.lexists(marker):
-            record = {"format": FORMAT_VERSION, "created_by": library_version()}
+            record: dict[str, object] = {"format": FORMAT_VERSION, "created_by": library_version()}
+            if self.layout == "new":
+                # Made by this library in an empty folder: the reference never
+                # wrote here, and the store never writes its per-key files.
+                record["reference_files"] = False
             replace_file(marker, json.dumps(record).encode("utf-8"), durable=True)
             fsync_dir(self.root)
+            self._no_reference = self.layout == "new"
         self._marker_ok = True
         self.layout = "current"
 

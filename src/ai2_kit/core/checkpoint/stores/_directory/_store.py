@@ -96,6 +96,12 @@ class DirectoryStore(ClaimsAndRuns, Store):
         self._opened_id: tuple[int, int] | None = None
         #: "current" (marked, or holding our entries), "reference-dir", or "new" (empty).
         self.layout = "current"
+        #: True when the marker says the store was made empty by this library, so
+        #: no reference per-key file can be in it: their look-ups are skipped.
+        self._no_reference = False
+        #: Keys whose reference per-key file this process saw absent or removed:
+        #: not looked up again (the store never writes such files).
+        self._no_reference_for: set[str] = set()
         try:
             st: os.stat_result | None = os.stat(path)
         except FileNotFoundError:
@@ -151,16 +157,21 @@ class DirectoryStore(ClaimsAndRuns, Store):
         return meta_from_json(text)
 
     def _open_entry(self, path: str) -> Any:
-        """Our entry file at ``path`` opened for reading, or None when there is none."""
+        """Our entry file at ``path`` opened for reading, or None when there is none.
+
+        One open (``O_NOFOLLOW | O_NONBLOCK``) and the type checked on the
+        open descriptor: no look-up before it, which on NFS and Lustre would
+        be one more round trip per hit.
+        """
         try:
-            if stat.S_ISLNK(os.lstat(path).st_mode):
-                # We never write links; following one would read (and a
-                # rerun replace) something outside the store.
-                raise ValueError(f"{path} is a symbolic link, not an entry file")
-            return open_regular(path)
+            return open_regular(path, nofollow=True)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except NotRegularFileError as e:
+            if e.errno == errno.ELOOP:
+                # We never write links; following one would read (and a
+                # rerun replace) something outside the store.
+                raise ValueError(f"{path} is a symbolic link, not an entry file") from e
             raise ValueError(f"{path}: {e.strerror}") from e
         except OSError as e:
             if e.errno == errno.ENAMETOOLONG:
@@ -173,6 +184,23 @@ class DirectoryStore(ClaimsAndRuns, Store):
             return None
         with f:
             return self._read_head(f, path)
+
+    def _reference_file(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """(path, listing fields) of ``key``'s reference per-key file, or None; no look-up
+        when the store cannot hold one or this process saw it absent."""
+        if self._no_reference or key in self._no_reference_for:
+            return None
+        path = self._legacy_path(key)
+        base = self._legacy_base(key, path)
+        if base is None:
+            self._seen_without_reference(key)
+            return None
+        return path, base
+
+    def _seen_without_reference(self, key: str) -> None:
+        if len(self._no_reference_for) >= 1 << 16:
+            self._no_reference_for.clear()  # the memory only spares look-ups: start again
+        self._no_reference_for.add(key)
 
     def _legacy_base(self, key: str, path: str) -> dict[str, Any] | None:
         """Listing fields of a reference per-key file at ``path``, or None if there is none."""
@@ -202,10 +230,10 @@ class DirectoryStore(ClaimsAndRuns, Store):
         return meta, load
 
     def _get_legacy(self, key: str) -> tuple[dict[str, Any], Loader] | None:
-        path = self._legacy_path(key)
-        base = self._legacy_base(key, path)
-        if base is None:
+        found = self._reference_file(key)
+        if found is None:
             return None
+        path, base = found
         meta = dict(base)
 
         def load(signer: Signer | None) -> Any:
@@ -221,10 +249,9 @@ class DirectoryStore(ClaimsAndRuns, Store):
     def _get_meta(self, key: str) -> dict[str, Any] | None:
         meta = self._read_meta_file(self._path(key))
         if meta is None:
-            path = self._legacy_path(key)
-            meta = self._legacy_base(key, path)
-            if meta is not None:
-                meta = self._legacy_details(key, path, meta)
+            found = self._reference_file(key)
+            if found is not None:
+                meta = self._legacy_details(key, *found)
         return meta
 
     @staticmethod
@@ -251,14 +278,16 @@ class DirectoryStore(ClaimsAndRuns, Store):
             meta["crc32"] = "0" * 8
         meta_bytes = meta_to_json(meta).encode("utf-8")
         for attempt in range(5):
-            make_dirs(parent, self.root)
             tmp = temp_name(final)
             try:
                 f = open(tmp, "xb", buffering=0)
             except FileNotFoundError:
-                # A concurrent rm pruned the empty parent just now: make it again.
+                # The folder is missing (a new one, or a concurrent rm pruned it
+                # just now): made only then, so a save into an existing folder
+                # looks nothing up first.
                 if attempt == 4:
                     raise
+                make_dirs(parent, self.root)
                 continue
             try:
                 with f:
@@ -288,11 +317,12 @@ class DirectoryStore(ClaimsAndRuns, Store):
         # (another writer may have made ``parent`` a moment ago and not yet
         # fsynced its parent). Known-durable folders cost one stat each.
         ensure_durable(folders_between(self.root, parent), outside=1)
-        legacy = self._legacy_path(key)
-        if self._legacy_base(key, legacy) is not None:
+        found = self._reference_file(key)
+        if found is not None:
             # Ours now shadows the reference file; remove it so ls shows one entry.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(legacy)
+                os.unlink(found[0])
+            self._seen_without_reference(key)
 
     def _delete(self, key: str) -> bool:
         return self._delete_many([key]) == 1
@@ -307,11 +337,12 @@ class DirectoryStore(ClaimsAndRuns, Store):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 os.unlink(path)
                 removed = True
-        legacy = self._legacy_path(key)
-        if self._legacy_base(key, legacy) is not None:
+        found = self._reference_file(key)
+        if found is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(legacy)
+                os.unlink(found[0])
                 removed = True
+            self._seen_without_reference(key)
         return os.path.dirname(path) if removed else None
 
     def _delete_many(self, keys: list[str]) -> int:
@@ -418,8 +449,8 @@ class DirectoryStore(ClaimsAndRuns, Store):
                     if key.startswith(prefix):
                         found[key] = (path, True)
                         continue
-                if short_dir:
-                    continue  # the reference never wrote names this long
+                if short_dir or self._no_reference:
+                    continue  # the reference never wrote names this long, nor into this store
                 key = "/".join([*rel_parts, name])
                 if key.startswith(prefix):
                     found.setdefault(key, (path, False))
@@ -429,10 +460,18 @@ class DirectoryStore(ClaimsAndRuns, Store):
     def _entry_meta(self, key: str | None, path: str) -> dict[str, Any] | None:
         """The metadata of our entry file at ``path``, or a damage record; None if not ours."""
         shown = key if key is not None else os.path.relpath(path, self.root)
-        if not is_regular(path):
-            return None  # we write only regular files: a FIFO, socket or link is someone else's
         try:
-            meta = self._read_meta_file(path)
+            # One open per entry, the type checked on the descriptor.
+            f = open_regular(path, nofollow=True)
+        except NotRegularFileError:
+            return None  # we write only regular files: a FIFO, socket or link is someone else's
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # removed while listing
+        except OSError as e:
+            return {"key": shown, "damaged": f"cannot read {path} ({e.strerror or e})"}
+        try:
+            with f:
+                meta: dict[str, Any] | None = self._read_head(f, path)
         except ValueError as e:
             if not self._marker_ok and not is_our_entry_file(path):
                 return None  # someone else's '.ckpt' file in a folder we did not mark

@@ -227,9 +227,7 @@ class SQLiteStore(Store):
         if not self.readonly:
             set_journal_mode(conn, self._wanted_journal(), self.path)
             self._wal = journal_mode(conn) == "wal"
-            if os.path.isdir(self.blob_dir):
-                # Cheap (one listdir); reclaims what killed writers left behind.
-                self.remove_dead_writers_files()
+            self._reclaim_at_open()
 
     def _info(self, name: str) -> str:
         with contextlib.suppress(sqlite3.Error):
@@ -533,6 +531,41 @@ class SQLiteStore(Store):
                     os.unlink(path)
                     removed.append(path)
         return removed
+
+    def _reclaim_at_open(self, min_age: float = 86400.0) -> None:
+        """Remove side files whose writer died before committing them (see ``remove_dead_writers_files``).
+
+        One listing of the folder and one read transaction that asks which
+        of the listed names rows refer to, whatever the number of side
+        files; only a file that no row names is then judged by its writer
+        (the process table on this host, its age, a stat, for another
+        host's). A file-system operation per side file would be a round trip
+        each on NFS and Lustre, and a finished run leaves hundreds.
+        """
+        names = frame_names(self.blob_dir)
+        if not names:
+            return
+        used: set[str] = set()
+        with self._session() as conn:
+            conn.execute("BEGIN")  # one read transaction (one lock) for every chunk
+            try:
+                for i in range(0, len(names), 500):  # within SQLite's oldest limit of 999 variables
+                    chunk = names[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    used.update(r[0] for r in conn.execute(f"SELECT blob FROM entries WHERE blob IN ({marks})", chunk))
+            finally:
+                conn.execute("COMMIT")
+        for name in names:
+            if name in used:
+                continue
+            path = os.path.join(self.blob_dir, name)
+            # Not referenced a moment ago: a dead writer's leftover, or a live
+            # writer's file before its commit, which its writer's check keeps.
+            if left_by_dead_writer(path, *writer_of(name), min_age):
+                with self._session() as conn:  # committed since the query above: kept
+                    again = conn.execute("SELECT 1 FROM entries WHERE blob = ?", (name,)).fetchone()
+                if again is None:
+                    unlink_blob(self.blob_dir, name)
 
     def orphan_blobs(self) -> list[str]:
         """Side files that no entry refers to (a writer was killed before its commit)."""
