@@ -13,10 +13,12 @@ PY=${PYTHON:-python3}
 #   libfuse2  the power-cut file system of tests/test_powercut.py (fusepy loads it)
 #   strace    tests/test_fsync_order.py records the file-system calls of a save
 #   chromium  tests/test_report.py loads the report page in a real headless browser
+#   nftables  tests/test_pg_partition.py cuts a PostgreSQL connection inside a private network namespace
 missing=()
 ldconfig -p 2>/dev/null | grep 'libfuse\.so\.2' >/dev/null || missing+=(libfuse2)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""

@@ -43,7 +43,7 @@ class Blocker:
         else:
             import psycopg
 
-            from ai2_kit.core.checkpoint.stores._postgres import split_url
+            from ai2_kit.core.checkpoint.stores._pg_connect import split_url
 
             self.conn = psycopg.connect(split_url(factory.location)[0], autocommit=True)
             self.conn.execute("BEGIN")
@@ -141,7 +141,7 @@ def _refuse_bad_keys(store: Store, factory: Any) -> None:
         return
     import psycopg
 
-    from ai2_kit.core.checkpoint.stores._postgres import split_url
+    from ai2_kit.core.checkpoint.stores._pg_connect import split_url
 
     s = store.schema  # type: ignore[attr-defined]
     with psycopg.connect(split_url(factory.location)[0], autocommit=True) as conn:

@@ -47,6 +47,7 @@ from ._errors import (
     SaveError,
     SignatureMismatchError,
     StoreOpenError,
+    StoreTimeoutError,
 )
 from ._forking import at_fork
 from .stores import SIGNING_KEY_ENV, DirectoryStore, SQLiteStore, Store, is_postgres_url, open_store
@@ -72,6 +73,7 @@ __all__ = [
     "CheckpointError",
     "InvalidKeyError",
     "StoreOpenError",
+    "StoreTimeoutError",
     "NotACheckpointStoreError",
     "NewerFormatError",
     "ReadOnlyStoreError",

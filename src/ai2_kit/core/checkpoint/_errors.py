@@ -17,6 +17,7 @@ __all__ = [
     "SignatureMismatchError",
     "StoreDamagedError",
     "StoreRemovedError",
+    "StoreTimeoutError",
 ]
 
 
@@ -52,6 +53,16 @@ class StoreOpenError(CheckpointError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class StoreTimeoutError(StoreOpenError, TimeoutError):
+    """The store's server did not answer within the store's timeout; the connection was dropped."""
+
+    def __init__(self, location: str, reason: str, hint: str = "") -> None:
+        super().__init__(location, reason, hint)
+        # Not an open that failed: a call on an open store that waited too long.
+        msg = f"checkpoint store {location!r}: {reason}"
+        self.args = (msg + f". {hint}" if hint else msg,)
 
 
 class NotACheckpointStoreError(StoreOpenError, FileExistsError):

@@ -22,19 +22,22 @@ import json
 import logging
 import os
 import random
-import struct
+import threading
 import time
 from typing import Any, BinaryIO, Callable, Iterator, Optional, Tuple, TypeVar, cast
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .._codec import Encoded, Signer, Verifier, decode_bytes, meta_from_json, meta_to_json, read_frame
-from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError
+from .._errors import NewerFormatError, NotACheckpointStoreError, SaveError, StoreOpenError, StoreTimeoutError
 from ._base import FORMAT_VERSION, MAX_RUN_BYTES, Loader, Store, check_seconds, library_version, parse_run
 from ._conns import GroupCommit, ThreadConnections
+from ._pg_chunks import CHUNK_SIZE, ChunkReader, copy_chunks
+from ._pg_connect import QUERY_CANCELED, first_line, liveness_params, lost, split_url, unreachable
+from ._pg_schema import CREATE_STATEMENTS, RUNS_TABLE
 from ._shared import iter_meta_pages
 
 __all__ = ["PostgresStore", "DEFAULT_SCHEMA", "INLINE_MAX", "CHUNK_SIZE"]
@@ -43,12 +46,13 @@ logger = logging.getLogger("ai2_kit.core.checkpoint")
 
 APPLICATION = "ai2-kit-checkpoint"
 DEFAULT_SCHEMA = "ai2_kit_checkpoint"
-_RUNS_TABLE = "CREATE TABLE IF NOT EXISTS {s}.runs (id text PRIMARY KEY, record text NOT NULL)"
 #: Frames up to this size are kept in the entry's row.
 INLINE_MAX = 1 << 20
-#: Size of the pieces a larger frame is stored in (the last one may be shorter).
-CHUNK_SIZE = 8 << 20
 CONNECT_TIMEOUT_S = 10
+#: The longest any call waits on the server before it raises StoreTimeoutError
+#: (the ``timeout=`` option): a statement's deadline on the server, and the
+#: TCP keepalives and user timeout that detect a connection gone silent.
+TIMEOUT_S = 30
 #: Rows fetched per query when listing (keyset pages: no long transaction).
 PAGE_SIZE = 1000
 #: Attempts of a transaction the server rolled back to break a deadlock.
@@ -64,86 +68,8 @@ _HINT_CONNECT = (
 )
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _verifier(signer: Signer | None, meta: dict[str, Any]) -> Verifier | None:
     return signer.verifier(meta) if signer is not None else None
-
-
-def split_url(url: str) -> tuple[str, str | None]:
-    """Split our own ``schema`` parameter off a URL: (URL for libpq, schema or None).
-
-    >>> split_url("postgresql://u@h/db?schema=team_a&sslmode=require")
-    ('postgresql://u@h/db?sslmode=require', 'team_a')
-    """
-    parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    schemas = [v for k, v in pairs if k == "schema"]
-    if not schemas:
-        return url, None
-    rest = [(k, v) for k, v in pairs if k != "schema"]
-    # quote, not quote_plus: libpq decodes %XX but not '+'.
-    query = urlencode(rest, quote_via=quote, safe="")
-    return urlunsplit(parts._replace(query=query)), schemas[-1]
-
-
-class _ChunkReader:
-    """A read-only file over the chunks of one frame, fetched one at a time.
-
-    ``read_frame`` reads into preallocated buffers through ``readinto``, so a
-    frame never exists twice in memory: at most one chunk is in flight.
-    """
-
-    def __init__(self, fetch: Callable[[int], bytes], count: int) -> None:
-        self._fetch = fetch
-        self._count = count
-        self._seq = 0
-        self._buf = memoryview(b"")
-        self._pos = 0
-
-    def _fill(self) -> bool:
-        while self._pos >= self._buf.nbytes:
-            if self._seq >= self._count:
-                return False
-            self._buf.release()
-            self._buf = memoryview(self._fetch(self._seq))
-            self._seq += 1
-            self._pos = 0
-        return True
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        done = 0
-        while done < view.nbytes and self._fill():
-            n = min(view.nbytes - done, self._buf.nbytes - self._pos)
-            view[done : done + n] = self._buf[self._pos : self._pos + n]
-            done += n
-            self._pos += n
-        return done
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            out = bytearray()
-            while self._fill():
-                out += self._buf[self._pos :]
-                self._pos = self._buf.nbytes
-            return bytes(out)
-        buf = bytearray(n)
-        got = self.readinto(buf)
-        return bytes(buf[:got])
-
-
-# Binary COPY framing (see the PostgreSQL COPY documentation, "Binary Format").
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
-_COPY_TRAILER = struct.pack("!h", -1)
-
-
-def _unreachable(e: BaseException) -> bool:
-    """Whether a failed write failed for want of the server, not because of its rows."""
-    return isinstance(e, (StoreOpenError, psycopg.OperationalError, psycopg.InterfaceError))
 
 
 class PostgresStore(Store):
@@ -161,7 +87,12 @@ class PostgresStore(Store):
         url: the database to connect to.
         readonly: refuse writes (the session is also made read-only).
         schema: the PostgreSQL schema holding the tables; overrides ``?schema=``.
-        connect_timeout: seconds to wait for the server, unless the URL says.
+        connect_timeout: seconds to wait for the server, unless the URL says
+            (at most ``timeout``).
+        timeout: seconds any call may wait on the server (default 30, or the
+            URL's ``?timeout=``): past it the call raises StoreTimeoutError,
+            the connection is dropped and the next call reconnects. See
+            docs/postgres.md, "Timeouts".
 
     Raises StoreOpenError (server unreachable, permission denied),
     NotACheckpointStoreError (the schema holds something else).
@@ -182,11 +113,21 @@ class PostgresStore(Store):
         readonly: bool = False,
         schema: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        timeout: float | None = None,
     ) -> None:
         from . import _redact
 
         connect_timeout = check_seconds("connect_timeout", connect_timeout)
         conninfo, url_schema = split_url(url)
+        conninfo, url_timeout = split_url(conninfo, "timeout")
+        if timeout is None and url_timeout is not None:
+            try:
+                timeout = float(url_timeout)
+            except ValueError:
+                raise ValueError(f"the URL's timeout must be a number of seconds, not {url_timeout!r}") from None
+            self.timeout = check_seconds("the URL's timeout", timeout)
+        else:
+            self.timeout = check_seconds("timeout", TIMEOUT_S if timeout is None else timeout)
         self.schema = schema or url_schema or DEFAULT_SCHEMA
         super().__init__(_redact(url), readonly=readonly)
         self.url = self.location
@@ -199,7 +140,19 @@ class PostgresStore(Store):
             raise StoreOpenError(self.location, f"not a valid PostgreSQL URL ({self._scrub(e)})",
                                  "Use postgresql://user@host:port/dbname") from e
         if "connect_timeout" not in params and "PGCONNECT_TIMEOUT" not in os.environ:
-            self._connect_args["connect_timeout"] = max(1, round(connect_timeout))
+            self._connect_args["connect_timeout"] = max(1, round(min(connect_timeout, self.timeout)))
+        self._connect_args.update(
+            (name, value) for name, value in liveness_params(self.timeout).items() if name not in params
+        )
+        # The statement deadline travels with the startup packet (no round
+        # trip of its own) unless the URL or PGOPTIONS has options of its own.
+        self._set_deadline = "options" in params or "PGOPTIONS" in os.environ
+        if not self._set_deadline:
+            self._connect_args["options"] = f"-c statement_timeout={self._timeout_ms}"
+        # Small saves whose outcome a lost connection left unknown (sent, no
+        # reply), re-sent once a connection works again (see _settle).
+        self._unsettled: dict[str, _Row] = {}
+        self._unsettled_lock = threading.Lock()
         if "application_name" not in params and "PGAPPNAME" not in os.environ:
             self._connect_args["application_name"] = APPLICATION
         if len(self.schema.encode("utf-8")) > 63:
@@ -217,7 +170,7 @@ class PostgresStore(Store):
         # Small saves arriving together share one transaction, one round trip.
         # A lost server fails the whole batch and its waiting callers at once
         # (each retried alone would wait out its own connect timeout).
-        self._commits: GroupCommit[_Row, None] = GroupCommit(self._write_rows, shared_failure=_unreachable)
+        self._commits: GroupCommit[_Row, None] = GroupCommit(self._write_rows, shared_failure=unreachable)
         try:
             self._open()
         except BaseException:
@@ -228,11 +181,14 @@ class PostgresStore(Store):
     def describe(self) -> Optional[tuple[str, tuple[tuple[str, Any], ...]]]:
         # The URL as given (password included: another process must log in
         # too), and the schema, which the URL may not name.
-        return self._conninfo, (("schema", self.schema),)
+        options: tuple[tuple[str, Any], ...] = (("schema", self.schema),)
+        if self.timeout != TIMEOUT_S:
+            options += (("timeout", self.timeout),)
+        return self._conninfo, options
 
     def _scrub(self, e: BaseException | str) -> str:
         """An error message without the password (libpq may echo parameters)."""
-        text = e if isinstance(e, str) else _first_line(e)
+        text = e if isinstance(e, str) else first_line(e)
         for secret in {self._secret, unquote(self._secret)} - {""}:
             text = text.replace(secret, "***")
         return text
@@ -246,6 +202,8 @@ class PostgresStore(Store):
         try:
             if self.readonly:
                 conn.execute("SET default_transaction_read_only TO on")
+            if self._set_deadline:
+                conn.execute(f"SET statement_timeout TO {self._timeout_ms}")
             # A checkpoint is worth keeping only if it survives a crash of the
             # server: 'off' could lose the last commits, the others cannot.
             if conn.execute("SELECT current_setting('synchronous_commit')").fetchone() == ("off",):
@@ -292,19 +250,108 @@ class PostgresStore(Store):
     def _drop(self, conn: psycopg.Connection[Any]) -> None:
         self._conns.drop(conn)
 
-    def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+    @property
+    def _timeout_ms(self) -> int:
+        return max(1, int(self.timeout * 1000))
+
+    def _timed_out(
+        self, conn: psycopg.Connection[Any], e: psycopg.OperationalError, started: float, doing: str
+    ) -> StoreTimeoutError | None:
+        """The error to raise if ``e`` means the server went silent (the connection is then dropped).
+
+        A statement past its deadline, or a connection the kernel ended after
+        the keepalives or the user timeout went unanswered: retrying at once
+        would wait as long again, so the call ends here and the next call
+        reconnects. A connection that broke at once (a server restart) is not
+        a silence: the caller retries it.
+        """
+        waited = time.monotonic() - started
+        if e.sqlstate != QUERY_CANCELED and not (lost(conn) and waited >= self.timeout / 2):
+            return None
+        self._drop(conn)
+        return StoreTimeoutError(
+            self.location,
+            f"the server did not answer for {waited:.1f} s while {doing} (timeout {self.timeout:g} s; "
+            f"{self._scrub(e)}); the connection was dropped and the next call reconnects",
+            "Check the network between this host and the server, or raise the timeout= option "
+            "if the server is just slow (see docs/postgres.md)",
+        )
+
+    def _once(self, fn: Callable[[psycopg.Connection[Any]], T], doing: str) -> T:
+        """``fn(conn)`` on this thread's connection, as a StoreTimeoutError if the server went silent."""
+        conn = self._conn()
+        started = time.monotonic()
+        try:
+            return fn(conn)
+        except psycopg.OperationalError as e:
+            timed_out = self._timed_out(conn, e, started, doing)
+            if timed_out is not None:
+                raise timed_out from e
+            raise
+
+    def _settle(self) -> None:
+        """Re-send the small saves whose outcome a silent server left unknown.
+
+        Each was one upsert of the whole row, so sending it again is
+        idempotent: it lands once, whether or not the first one committed.
+        It is written only if the entry is missing or older than it, so a
+        newer value saved meanwhile (here or on another host) stays.
+        """
+        with self._unsettled_lock:
+            rows, self._unsettled = list(self._unsettled.values()), {}
+        if not rows:
+            return
+
+        def resend(conn: psycopg.Connection[Any]) -> None:
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                for row in sorted(rows, key=lambda row: row[0]):
+                    cur.execute(self._q(self._RESEND), row)
+
+        try:
+            self._attempts(resend, f"re-sending {len(rows)} save(s) cut off earlier")
+        except Exception as e:
+            if not unreachable(e):
+                # Refused by the server itself (e.g. the schema was dropped):
+                # trying again would fail every later call the same way. Each
+                # of these saves already raised to its caller.
+                logger.warning("could not re-send %d save(s) cut off earlier on %s (%s): %s", len(rows),
+                               self.location, self._scrub(e), ", ".join(repr(row[0]) for row in rows[:5]))
+                return
+            self._keep_unsettled(rows)
+            raise
+        except BaseException:  # interrupted: left to the next call
+            self._keep_unsettled(rows)
+            raise
+        logger.info("%d save(s) cut off by a lost connection to %s were settled", len(rows), self.location)
+
+    def _keep_unsettled(self, rows: list[_Row]) -> None:
+        with self._unsettled_lock:
+            for row in rows:
+                self._unsettled.setdefault(row[0], row)
+
+    def _run(self, fn: Callable[[psycopg.Connection[Any]], T], doing: str = "reading") -> T:
         """Run ``fn(conn)``; once more on a new connection if the old one broke,
         up to ``ROLLBACK_ATTEMPTS`` times if the server rolled it back.
 
         A server restart or an idle timeout must not end a workflow that runs
         for days. Every ``fn`` here is one transaction, or a read, so running
-        it again is safe (a put rewrites the same entry).
+        it again is safe (a put rewrites the same entry). A server that went
+        silent ends the call with StoreTimeoutError instead (``_timed_out``).
         """
+        if self._unsettled:
+            self._settle()
+        return self._attempts(fn, doing)
+
+    def _attempts(self, fn: Callable[[psycopg.Connection[Any]], T], doing: str) -> T:
         for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
             conn = self._conn()
+            started = time.monotonic()
             try:
                 return fn(conn)
             except psycopg.OperationalError as e:
+                timed_out = self._timed_out(conn, e, started, doing)
+                if timed_out is not None:
+                    raise timed_out from e
                 if (e.sqlstate or "").startswith("40") and not conn.closed and attempt < ROLLBACK_ATTEMPTS:
                     # Class 40, a deadlock or a serialization failure: the
                     # server rolled our transaction back whole, so running it
@@ -313,11 +360,11 @@ class PostgresStore(Store):
                     logger.debug("%s on %s; attempt %d", type(e).__name__, self.location, attempt + 1)
                     time.sleep(random.uniform(0.005, 0.05) * attempt)
                     continue
-                if not conn.closed:
+                if not lost(conn):
                     raise
                 logger.info("connection to %s lost; reconnecting", self.location)
                 self._drop(conn)
-                return fn(self._conn())
+                return self._once(fn, doing)
         raise AssertionError("unreachable")
 
     def _close(self) -> None:
@@ -378,35 +425,6 @@ class PostgresStore(Store):
             hashlib.blake2b(f"{APPLICATION}:{self.schema}".encode(), digest_size=8).digest(),
             "big", signed=True,
         )
-        statements = [
-            "CREATE SCHEMA IF NOT EXISTS {s}",
-            "CREATE TABLE IF NOT EXISTS {s}.store_info (name text PRIMARY KEY, value text NOT NULL)",
-            # COLLATE "C": keys sort by bytes, which for UTF-8 is code-point
-            # order, as in the other stores; and the primary key's index then
-            # serves prefix ranges.
-            """CREATE TABLE IF NOT EXISTS {s}.entries (
-                key     text COLLATE "C" PRIMARY KEY,
-                created double precision NOT NULL,
-                meta    text NOT NULL,
-                value   bytea,
-                nchunks integer NOT NULL DEFAULT 0
-            )""",
-            "CREATE INDEX IF NOT EXISTS entries_created ON {s}.entries (created)",
-            """CREATE TABLE IF NOT EXISTS {s}.chunks (
-                key  text COLLATE "C" NOT NULL REFERENCES {s}.entries (key) ON DELETE CASCADE,
-                seq  integer NOT NULL,
-                data bytea NOT NULL,
-                PRIMARY KEY (key, seq)
-            )""",
-            # Pickled arrays rarely compress: skip pglz's attempt on 8 MiB rows.
-            "ALTER TABLE {s}.chunks ALTER COLUMN data SET STORAGE EXTERNAL",
-            _RUNS_TABLE,
-            """CREATE TABLE IF NOT EXISTS {s}.claims (
-                key     text COLLATE "C" PRIMARY KEY,
-                owner   text NOT NULL,
-                expires timestamptz NOT NULL
-            )""",
-        ]
         try:
             with conn.transaction():
                 # Without the lock two processes can both pass IF NOT EXISTS
@@ -414,7 +432,7 @@ class PostgresStore(Store):
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id,))
                 if self._read_info(conn) is not None:
                     return  # another process created it while we waited
-                for stmt in statements:
+                for stmt in CREATE_STATEMENTS:
                     conn.execute(self._q(stmt))
                 conn.execute(
                     self._q("INSERT INTO {s}.store_info (name, value) VALUES (%s, %s), (%s, %s), (%s, %s) "
@@ -437,7 +455,7 @@ class PostgresStore(Store):
                     self._q("SELECT meta, value, nchunks FROM {s}.entries WHERE key = %s"), (key,)
                 ).fetchone()
 
-        row = self._run(fetch)
+        row = self._run(fetch, f"looking up {key!r}")
         if row is None:
             return None
         text, value, nchunks = row
@@ -454,8 +472,20 @@ class PostgresStore(Store):
         a record and a value from two different puts would fail the checksum
         and be reported as damage that is not there.
         """
-        source = f"{self.location} entry {key!r}"
         conn = self._conn()
+        started = time.monotonic()
+        try:
+            return self._read_chunked(conn, key, text, meta, signer)
+        except psycopg.OperationalError as e:
+            timed_out = self._timed_out(conn, e, started, f"reading the chunks of {key!r}")
+            if timed_out is not None:
+                raise timed_out from e
+            raise
+
+    def _read_chunked(
+        self, conn: psycopg.Connection[Any], key: str, text: str, meta: dict[str, Any], signer: Signer | None
+    ) -> Any:
+        source = f"{self.location} entry {key!r}"
         with conn.transaction(), conn.cursor(binary=True) as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             row = cur.execute(
@@ -476,7 +506,7 @@ class PostgresStore(Store):
                     raise ValueError(f"chunk {seq} of {row[2]} is missing in {source}")
                 return cast(bytes, got[0])
 
-            reader = cast(BinaryIO, _ChunkReader(chunk, row[2]))
+            reader = cast(BinaryIO, ChunkReader(chunk, row[2]))
             # The verifier is made from the record actually read (see above).
             return read_frame(reader, meta.get("crc32"), source, _verifier(signer, meta))
 
@@ -498,7 +528,7 @@ class PostgresStore(Store):
                 value = encoded.to_bytes()
                 self._commits.submit((key, float(meta["created"]), text, value), len(value))
             else:
-                self._run(lambda conn: self._write_chunked(conn, key, meta, text, encoded))
+                self._run(lambda conn: self._write_chunked(conn, key, meta, text, encoded), f"saving {key!r}")
         except psycopg.Error as e:
             raise SaveError(key, f"{type(e).__name__}: {self._scrub(e)} (store {self.location})") from e
 
@@ -507,6 +537,16 @@ class PostgresStore(Store):
         "VALUES (%s, %s, %s, %b, %s) ON CONFLICT (key) DO UPDATE SET "
         "created = EXCLUDED.created, meta = EXCLUDED.meta, "
         "value = EXCLUDED.value, nchunks = EXCLUDED.nchunks"
+    )
+    # A save re-sent after a lost reply (_settle): the same upsert, skipped
+    # where a newer value is already there, with the chunk clean-up in the
+    # same statement.
+    _RESEND = (
+        "WITH up AS (INSERT INTO {s}.entries AS e (key, created, meta, value, nchunks) "
+        "VALUES (%s, %s, %s, %b, 0) ON CONFLICT (key) DO UPDATE SET "
+        "created = EXCLUDED.created, meta = EXCLUDED.meta, value = EXCLUDED.value, nchunks = 0 "
+        "WHERE e.created < EXCLUDED.created RETURNING e.key) "
+        "DELETE FROM {s}.chunks WHERE key IN (SELECT key FROM up)"
     )
 
     def _write_rows(self, rows: list[_Row]) -> list[None]:
@@ -527,7 +567,20 @@ class PostgresStore(Store):
                     cur.execute(self._q(self._UPSERT), (key, created, text, value, 0))
                     cur.execute(self._q("DELETE FROM {s}.chunks WHERE key = %s"), (key,))
 
-        self._run(put)
+        doing = f"saving {rows[0][0]!r}" + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+        try:
+            self._run(put, doing)
+        except StoreTimeoutError:
+            # Sent, and no reply: committed or not, nobody can tell. Kept to
+            # be re-sent by the next call (_settle), so the save lands once.
+            with self._unsettled_lock:
+                self._unsettled.update((row[0], row) for row in rows)
+            raise
+        if self._unsettled:
+            with self._unsettled_lock:
+                for row in rows:  # saved again since: the older row must not be re-sent
+                    if row[0] in self._unsettled and self._unsettled[row[0]][1] <= row[1]:
+                        del self._unsettled[row[0]]
         return [None] * len(rows)
 
     def _write_chunked(
@@ -537,34 +590,14 @@ class PostgresStore(Store):
         # dominated by its bytes anyway.
         nchunks = -(-encoded.size // CHUNK_SIZE)
         with conn.transaction(), conn.cursor() as cur:
+            # A big value may take longer than the timeout to send: its
+            # statements get no deadline, and a silent server is caught by
+            # the TCP user timeout and keepalives instead.
+            cur.execute("SET LOCAL statement_timeout TO 0")
             cur.execute(self._q(self._UPSERT), (key, float(meta["created"]), text, None, nchunks))
             cur.execute(self._q("DELETE FROM {s}.chunks WHERE key = %s"), (key,))
-            self._copy_chunks(cur, key, encoded, nchunks)
-
-    def _copy_chunks(self, cur: psycopg.Cursor[Any], key: str, encoded: Encoded, nchunks: int) -> None:
-        """Stream the frame into ``chunks`` with a binary COPY, from the value's own memory.
-
-        The COPY rows are framed here rather than with ``write_row``, which
-        would first copy each chunk into a buffer of its own: the bytes go
-        from the array to libpq's send buffer, a slice at a time.
-        """
-        k = key.encode("utf-8")
-        head = struct.pack("!hi", 3, len(k)) + k + struct.pack("!i", 4)
-        with cur.copy(self._q("COPY {s}.chunks (key, seq, data) FROM STDIN (FORMAT BINARY)")) as copy:
-            copy.write(_COPY_SIGNATURE)
-            seq, room = 0, 0
-            for piece in encoded.chunks():
-                while piece.nbytes:
-                    if room == 0:
-                        size = min(CHUNK_SIZE, encoded.size - seq * CHUNK_SIZE)
-                        copy.write(head + struct.pack("!ii", seq, size))
-                        seq, room = seq + 1, size
-                    n = min(room, piece.nbytes)
-                    copy.write(piece[:n])
-                    piece, room = piece[n:], room - n
-            if seq != nchunks or room:
-                raise ValueError(f"frame of {encoded.size} bytes gave {seq} chunks, expected {nchunks}")
-            copy.write(_COPY_TRAILER)
+            copy = self._q("COPY {s}.chunks (key, seq, data) FROM STDIN (FORMAT BINARY)")
+            copy_chunks(cur, copy, key, encoded, nchunks)
 
     def _delete_many(self, keys: list[str]) -> int:
         if not keys:
@@ -598,7 +631,7 @@ class PostgresStore(Store):
     def _put_run(self, run_id: str, record: dict[str, Any]) -> None:
         def put(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
-                conn.execute(self._q(_RUNS_TABLE))
+                conn.execute(self._q(RUNS_TABLE))
                 conn.execute(
                     self._q("INSERT INTO {s}.runs (id, record) VALUES (%s, %s) "
                             "ON CONFLICT (id) DO UPDATE SET record = excluded.record"),
