@@ -281,7 +281,8 @@ def reset_checkpoint() -> None:
 
 
 def apply_checkpoint(
-    key_fn: Key, disable: bool = False, *, stale: Optional[str] = None
+    key_fn: Key, disable: bool = False, *, stale: Optional[str] = None,
+    validate: Optional[Callable[[Any], Any]] = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Checkpoint calls of a function under ``key``.
 
@@ -293,10 +294,14 @@ def apply_checkpoint(
     so decorating before ``set_checkpoint_file`` is fine. ``stale``
     (``"warn"``, ``"rerun"``, ``"ignore"``) overrides the store's policy for
     saved results whose arguments or code changed since (see ``Checkpointer``).
+    ``validate`` is a function of a hit's value (for an async step, the
+    awaited result): when it returns a false value or raises, the step runs
+    again and its new result is saved, with one WARNING naming the key (e.g.
+    ``validate=os.path.exists`` for a result that is a path to a file).
     """
-    if disable or stale is not None:
+    if disable or stale is not None or validate is not None:
         return functools.partial(_wrap, None, get_checkpointer, key_fn, disable=disable,  # type: ignore[return-value]
-                                 stale=stale)
+                                 stale=stale, validate=validate)
     return functools.partial(_wrap, None, get_checkpointer, key_fn)  # type: ignore[return-value]
 
 

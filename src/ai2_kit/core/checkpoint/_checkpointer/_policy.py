@@ -222,14 +222,19 @@ class Checkpointer:
         return self.store.location
 
     def __call__(
-        self, key: Key, disable: bool = False, *, stale: Optional[str] = None
+        self, key: Key, disable: bool = False, *, stale: Optional[str] = None,
+        validate: Optional[Callable[[Any], Any]] = None,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """A decorator that checkpoints calls of a function under ``key``.
 
         ``stale`` overrides the checkpointer's policy for these calls.
+        ``validate``: a function of a hit's value; when it returns a false
+        value or raises, the hit is not used: the step runs again and its
+        result is saved, with one WARNING naming the key.
         """
-        if disable or stale is not None:
-            return functools.partial(_wrap, self, None, key, disable=disable, stale=stale)  # type: ignore[return-value]
+        if disable or stale is not None or validate is not None:
+            return functools.partial(_wrap, self, None, key, disable=disable, stale=stale,  # type: ignore[return-value]
+                                     validate=validate)
         return functools.partial(_wrap, self, None, key)  # type: ignore[return-value]
 
     apply = __call__

@@ -71,11 +71,17 @@ class _FnRef(NamedTuple):
 
 
 
-def _rebuild_wrapper(payload: bytes, disable: bool, stale: Optional[str], spec: Optional[StoreSpec]) -> Any:
-    fn, key = pickle.loads(payload)
+def _rebuild_wrapper(payload: bytes, disable: bool, stale: Optional[str], spec: Optional[StoreSpec],
+                     validated: bool = False) -> Any:
+    # A wrapper with a validator sends it in the same payload (cloudpickle: a
+    # lambda travels too); one without keeps the four-argument form.
+    if validated:
+        fn, key, validate = pickle.loads(payload)
+    else:
+        (fn, key), validate = pickle.loads(payload), None
     if isinstance(fn, _FnRef):
         fn = fn.resolve()
-    return CheckpointedFunction(fn, key, disable, stale, spec=spec, received=True)
+    return CheckpointedFunction(fn, key, disable, stale, spec=spec, received=True, validate=validate)
 
 
 class CheckpointedFunction:
@@ -101,6 +107,7 @@ class CheckpointedFunction:
     _ck_spec: Optional[StoreSpec] = None
     _ck_received: bool = False
     _ck_coro: bool = False
+    _ck_validate: Optional[Callable[[Any], Any]] = None
 
     def __new__(
         cls,
@@ -113,8 +120,9 @@ class CheckpointedFunction:
         default: Optional[Callable[[], Optional[Checkpointer]]] = None,
         spec: Optional[StoreSpec] = None,
         received: bool = False,
+        validate: Optional[Callable[[Any], Any]] = None,
     ) -> CheckpointedFunction:
-        return _wrap(ckpt, default, key, fn, disable, stale, spec, received, cls)
+        return _wrap(ckpt, default, key, fn, disable, stale, spec, received, cls, validate=validate)
 
     # -- looking like the function ------------------------------------------------
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
@@ -150,6 +158,9 @@ class CheckpointedFunction:
             fn = _FnRef(fn.__module__, fn.__qualname__)
         # cloudpickle for the function and the key: lambdas and local
         # functions travel too (module-level functions still go by name).
+        if self._ck_validate is not None:
+            payload = cloudpickle.dumps((fn, self._ck_key, self._ck_validate))
+            return _rebuild_wrapper, (payload, self._ck_disable, self._ck_stale, self._carried_spec(), True)
         payload = cloudpickle.dumps((fn, self._ck_key))
         return _rebuild_wrapper, (payload, self._ck_disable, self._ck_stale, self._carried_spec())
 
@@ -253,6 +264,26 @@ class CheckpointedFunction:
             found, rejected = False, meta.get("created", 0)
         return found, value, meta, fp, rejected
 
+    def _invalid(self, k: str, value: Any) -> bool:
+        """True when the validator rejects a hit's value (False, or it raised): the step runs again."""
+        try:
+            ok = self._ck_validate(value)  # type: ignore[misc]
+        except Exception as e:  # any failure of the user's check means "do not trust this hit"
+            logger.warning("Checkpoint %s: its validator raised %s: %s; running the step again",
+                           k, type(e).__name__, e)
+            return True
+        if ok:
+            return False
+        logger.warning("Checkpoint %s: its validator rejected the saved result; running the step again", k)
+        return True
+
+    def _refingerprint(self, ckpt: Checkpointer, fp: Optional[dict[str, Any]], args: tuple,
+                       kwargs: dict) -> Optional[dict[str, Any]]:
+        """The fingerprints the rerun of a rejected hit saves (a hit settled the short way has none yet)."""
+        if fp is not None or (self._ck_stale or ckpt.stale) == "ignore":
+            return fp
+        return ckpt.fingerprint(self.__wrapped__, args, kwargs)  # type: ignore[attr-defined]
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fn = self.__wrapped__  # type: ignore[attr-defined]
         if self._ck_coro:
@@ -284,8 +315,12 @@ class CheckpointedFunction:
                 k = _resolve_key(self._ck_key, fn, args, kwargs, site)
             found, value, meta, fp, rejected = self._prepare(ckpt, k, args, kwargs)
             if found:
-                ckpt.log_hit(k, meta)
-                return _ready(value) if meta.get("is_awaitable") else value
+                if self._ck_validate is None or not self._invalid(k, value):
+                    ckpt.log_hit(k, meta)
+                    return _ready(value) if meta.get("is_awaitable") else value
+                # Rejected: a claim or wait must not hand this same entry back as a hit.
+                value, rejected = None, meta.get("created", 0)
+                fp = self._refingerprint(ckpt, fp, args, kwargs)
             if site is None:  # a string key: the call site is needed only by a save
                 site = _call_site(1)
             if ckpt.dedup:
@@ -397,6 +432,9 @@ class CheckpointedFunction:
         lease: Optional[Lease] = None
         try:
             found, value, meta, fp, rejected = self._prepare(ckpt, k, args, kwargs)
+            if found and self._ck_validate is not None and self._invalid(k, value):
+                found, value, rejected = False, None, meta.get("created", 0)
+                fp = self._refingerprint(ckpt, fp, args, kwargs)
             if not found and ckpt.dedup:
                 lease, (found, value, meta) = ckpt.claim(k, rejected)
             if found:
@@ -421,6 +459,9 @@ class CheckpointedFunction:
         lease: Optional[Lease] = None
         flight: Optional[_Flight] = None
         try:
+            if found and self._ck_validate is not None and self._invalid(k, value):
+                found, value, rejected = False, None, meta.get("created", 0)
+                fp = await _offload(self._refingerprint, ckpt, fp, args, kwargs)
             if not found and ckpt.dedup:
                 while True:
                     if theirs is None:
@@ -470,6 +511,8 @@ def _wrap(
     spec: Optional[StoreSpec] = None,
     received: bool = False,
     cls: type[CheckpointedFunction] = CheckpointedFunction,
+    *,
+    validate: Optional[Callable[[Any], Any]] = None,
 ) -> CheckpointedFunction:
     """The one way a wrapper is built: ``CheckpointedFunction(...)`` and the decorators come here.
 
@@ -493,6 +536,8 @@ def _wrap(
         raise TypeError(f"a checkpoint key must be a str or a function of FnInfo, not {type(key).__name__}")
     if stale is not None:
         _check_policy(stale)
+    if validate is not None and not callable(validate):
+        raise TypeError(f"validate must be a function of the saved result, not {type(validate).__name__}")
     attrs, name, coro = state
     # functools.update_wrapper, from what was worked out once per function.
     w = _new_object(cls)
@@ -510,7 +555,7 @@ def _wrap(
         # Another wrapper's fields (a CheckpointedFunction wrapped again) must not leak into ours.
         d.update(_ck_key=key, _ck_k=key if k is not None else None, _ck_bound=ckpt, _ck_name=name,
                  _ck_disable=disable, _ck_stale=stale, _ck_default=default, _ck_spec=spec,
-                 _ck_received=received, _ck_coro=coro)
+                 _ck_received=received, _ck_coro=coro, _ck_validate=validate)
     else:
         # The rest only when not the class's default.
         if disable:
@@ -525,6 +570,8 @@ def _wrap(
             d["_ck_received"] = received
         if coro:
             d["_ck_coro"] = coro
+        if validate is not None:
+            d["_ck_validate"] = validate
     if coro:
         _mark_coroutine_function(w, fn)
     return w
@@ -539,12 +586,13 @@ def make_wrapper(
     disable: bool,
     resolve: Callable[[], Optional[Checkpointer]],
     stale: Optional[str] = None,
+    validate: Optional[Callable[[Any], Any]] = None,
 ) -> Callable[..., Any]:
     """Wrap ``fn``; ``resolve`` gives the checkpointer at call time (None: just run).
 
     ``resolve`` must be picklable by name (a module-level function) for the
     wrapper to travel; the facade passes its ``get_checkpointer``.
     """
-    return _wrap(None, resolve, key, fn, disable, stale)
+    return _wrap(None, resolve, key, fn, disable, stale, validate=validate)
 
 
