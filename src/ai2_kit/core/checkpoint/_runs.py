@@ -275,8 +275,11 @@ class _Flusher:
         while True:
             # A timer (flushing is periodic by design), cut short by the exit's request.
             self._wake.wait(FLUSH_EVERY)
-            final = self._final
+            # Cleared before the request is read: an exit's request that lands
+            # between the two is then either seen now or wakes the next wait,
+            # never erased unseen (the exit would wait its whole bound).
             self._wake.clear()
+            final = self._final
             try:
                 self.flush_all(final)
             except Exception as e:  # a report's trouble must not end the thread that writes the others
